@@ -1,0 +1,54 @@
+# ds2net: `make demo` runs the main job, `make test` runs the whole suite. Both install first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.ds2net-installed
+export PYTHONHASHSEED := 0
+
+.PHONY: install demo test export clean-nbs readme check-export check-clean check-readme pytest nbtest
+
+install: $(STAMP)
+
+# Re-runs only when the pinned stack (settings.ini) or setup.py changed since the last install.
+$(STAMP): settings.ini setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/ds2net demo
+
+test: install check-export check-clean check-readme pytest nbtest
+
+export: install
+	$(BIN)/nbdev_export
+
+clean-nbs: install
+	$(BIN)/nbdev_clean
+
+readme: install
+	$(BIN)/python tools/readme.py
+
+# 1. the package must be what the notebooks export
+check-export: install
+	$(BIN)/nbdev_export
+	@test -z "$$(git status --porcelain -- ds2net)" || { git status --porcelain -- ds2net; git diff --stat -- ds2net; \
+	  echo "ds2net/ is out of step with nbs/: run 'make export' and commit both"; exit 1; }
+
+# 2. notebooks must be clean
+check-clean: install
+	$(BIN)/nbdev_clean
+	@test -z "$$(git status --porcelain -- nbs)" || { git status --porcelain -- nbs; \
+	  echo "nbdev_clean changed these notebooks: commit them cleaned"; exit 1; }
+
+check-readme: install
+	$(BIN)/python tools/readme.py --check
+
+# 3. pytest (exit code 5, no tests collected, fails the target like any non-zero code)
+pytest: install
+	$(BIN)/python -m pytest -q tests
+
+# 4. every notebook executes on CPU (cells flagged `#|gpu` or `#|slow` are skipped)
+nbtest: install
+	$(BIN)/nbdev_test --n_workers 2 --timing

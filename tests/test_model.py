@@ -1,0 +1,214 @@
+"DS2Net model: sizes, shapes, gradients and weight loading (spec sections 2 and 3)."
+import os, re, subprocess, sys
+import pytest, timm, torch
+import torch.nn.functional as F
+from ds2net.blocks import DEM, SEM, upsample_like
+from ds2net.model import (DS2Net, TINY_ENCODER, WeightsError, count_parameters, count_flops, load_reference_checkpoint,
+                          reference_state_dict, load_encoder_weights, _original_pvt_name, SIDE_OUTPUT_NAMES)
+
+
+@pytest.fixture(scope='module')
+def paper():
+    torch.manual_seed(0)
+    return DS2Net('pvt_v2_b2', channels=32).eval()
+
+
+def test_parameter_counts(paper):
+    c = count_parameters(paper)
+    assert c['total'] == 24_917_936
+    assert c['decoder'] == 68_080
+    assert c['encoder'] == 24_849_856
+    assert c['translation'] + c['detail_path'] + c['semantic_path'] + c['heads'] == c['decoder']
+
+
+def test_flops_match_spec(paper):
+    assert abs(count_flops(paper, 352) / 1e9 - 21.2) < 0.1
+
+
+@pytest.mark.parametrize('size', [(352, 352), (300, 260)])
+def test_six_outputs_at_input_size(paper, size):
+    with torch.no_grad(): outs = paper(torch.randn(2, 3, *size))
+    assert isinstance(outs, tuple) and len(outs) == 6
+    for o in outs: assert o.shape == (2, 1, *size) and torch.isfinite(o).all()
+
+
+def test_forward_with_masks(paper):
+    x = torch.randn(1, 3, 352, 352)
+    with torch.no_grad(): o = paper.forward_with_masks(x)
+    assert [m.shape[-1] for m in o.detail_masks] == [22, 44, 88]
+    assert [m.shape[-1] for m in o.semantic_masks] == [22, 44, 88]
+    for m in o.detail_masks + o.semantic_masks: assert m.shape[1] == 1 and 0 <= m.min() and m.max() <= 1
+    torch.testing.assert_close(o.fused, sum(o.side_outputs))
+    with torch.no_grad(): torch.testing.assert_close(paper.predict_proba(x), torch.sigmoid(sum(paper(x))))
+
+
+def test_bad_input_is_explained(paper):
+    with pytest.raises(ValueError, match=r'expects a batch of images \(B, 3, H, W\), got \(3, 64, 64\)'): paper(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match='at least 32'): paper(torch.randn(1, 3, 16, 64))
+
+
+@pytest.mark.parametrize('encoder,kwargs', [('pvt_v2_b2', {}), (TINY_ENCODER, dict(zero_init_last=False))])
+def test_gradients_reach_every_parameter(encoder, kwargs):
+    torch.manual_seed(0)
+    # (timm ResNets zero-initialise each block's last BatchNorm, which blocks the gradient of the convs before it
+    # at step 0; `zero_init_last=False` turns that off so the test sees every path.)
+    model = DS2Net(encoder, **kwargs).train()
+    # Dropout2d on a one-channel map zeroes the SEM's whole spatial map half of the time (then the 7×7 conv gets
+    # no gradient, by design); evaluate it as the identity here so every parameter must get a gradient.
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout2d): m.eval()
+    x, y = torch.randn(2, 3, 64, 64), (torch.rand(2, 1, 64, 64) > 0.5).float()
+    sum(F.binary_cross_entropy_with_logits(o, y) for o in model(x)).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert no_grad == []
+
+
+def test_dem_without_residual_is_only_gated_features():
+    torch.manual_seed(0)
+    dem = DEM(16, kernel_size=7, residual=False)
+    high, low = torch.randn(1, 16, 8, 8), torch.randn(1, 16, 16, 16)
+    out, mask = dem(high, low, return_mask=True)
+    up = F.interpolate(high, scale_factor=2, mode='bilinear', align_corners=True)
+    gated = dem.fuse(torch.cat([up, low], 1)) * mask
+    torch.testing.assert_close(out, gated)
+    dem.residual = True
+    torch.testing.assert_close(dem(high, low), gated + low)
+
+
+def test_dem_mask_is_spec_formula():
+    torch.manual_seed(1)
+    dem = DEM(8, kernel_size=5)
+    low = torch.randn(2, 8, 12, 12)
+    a, b = dem.detail_conv_a.weight, dem.detail_conv_b.weight
+    expected = torch.sigmoid(F.conv2d(F.conv2d(low.max(1, keepdim=True).values, a, padding=2), b, padding=2))
+    torch.testing.assert_close(dem.detail_mask(low), expected)
+
+
+def test_sem_is_spec_formula_in_eval():
+    torch.manual_seed(2)
+    sem = SEM(32).eval()
+    high, low = torch.randn(2, 32, 6, 6), torch.randn(2, 32, 12, 12)
+    up = F.interpolate(high, scale_factor=2, mode='bilinear', align_corners=True)
+    sa = torch.sigmoid(sem.spatial_conv(torch.cat([up.mean(1, keepdim=True), up.max(1, keepdim=True).values], 1)))
+    mask = torch.sigmoid(sem.mask_conv(sa))
+    x = low * mask
+    fc1, fc2 = sem.channel_mlp[0].weight, sem.channel_mlp[2].weight
+    mlp = lambda v: F.conv2d(F.relu(F.conv2d(v, fc1)), fc2)
+    x = x * torch.sigmoid(mlp(x.mean((2, 3), keepdim=True)) + mlp(x.amax((2, 3), keepdim=True)))
+    out, m = sem(high, low, return_mask=True)
+    torch.testing.assert_close(m, mask)
+    torch.testing.assert_close(out, x + up)
+
+
+def _reference_keys_ok(ref):
+    assert any(k.startswith('backbone1.patch_embed1.') for k in ref)
+    assert any(k.startswith('backbone1.block4.2.') for k in ref)
+    assert 'backbone1.norm4.weight' in ref
+    for k in ['Translayer1_0.conv.0.weight', 'Translayer1_3.conv.1.num_batches_tracked', 'DEM3.conv_pool.2.bias',
+              'DEM1.conv1.weight', 'DEM2.conv2.weight', 'SEM3.sa.conv1.weight', 'SEM1.ca.fc1.weight', 'SEM2.ca.fc2.weight',
+              'SEM2.conv1.bias', 'output_conv6.weight', 'output_conv1.bias']:
+        assert k in ref, k
+
+
+def test_reference_checkpoint_round_trip(paper, tmp_path):
+    ref = reference_state_dict(paper)
+    _reference_keys_ok(ref)
+    path = tmp_path / 'DS2Net-best.pth'
+    torch.save(ref, path)
+    before = path.read_bytes()
+    torch.manual_seed(123)
+    fresh = load_reference_checkpoint(DS2Net('pvt_v2_b2'), path).eval()
+    x = torch.randn(1, 3, 352, 352)
+    with torch.no_grad():
+        diff = max((a - b).abs().max().item() for a, b in zip(paper(x), fresh(x)))
+    assert diff <= 1e-4
+    assert path.read_bytes() == before  # the user's file is untouched
+
+
+def test_reference_checkpoint_errors_name_the_key(paper, tmp_path):
+    ref = reference_state_dict(paper)
+    missing = dict(ref); del missing['SEM2.ca.fc1.weight']
+    torch.save(missing, tmp_path / 'missing.pth')
+    with pytest.raises(WeightsError, match=r'missing keys \(1\): SEM2\.ca\.fc1\.weight'):
+        load_reference_checkpoint(DS2Net('pvt_v2_b2'), tmp_path / 'missing.pth')
+    wrong = dict(ref); wrong['DEM1.conv_pol.0.weight'] = wrong.pop('DEM1.conv_pool.0.weight')
+    torch.save(wrong, tmp_path / 'wrong.pth')
+    with pytest.raises(WeightsError, match=r'unexpected keys \(1\): DEM1\.conv_pol\.0\.weight') as e:
+        load_reference_checkpoint(DS2Net('pvt_v2_b2'), tmp_path / 'wrong.pth')
+    assert 'DEM1.conv_pool.0.weight' in str(e.value)  # and the key it lacks
+    shape = dict(ref); shape['output_conv1.weight'] = torch.zeros(1, 64, 1, 1)
+    torch.save(shape, tmp_path / 'shape.pth')
+    with pytest.raises(WeightsError, match=r'wrong shapes \(1\): output_conv1\.weight \(1, 64, 1, 1\)'):
+        load_reference_checkpoint(DS2Net('pvt_v2_b2'), tmp_path / 'shape.pth')
+
+
+class NotWeights:
+    "An arbitrary Python object: a weights_only load must refuse to unpickle it."
+
+
+def test_reference_checkpoint_refuses_pickled_objects(tmp_path):
+    torch.save({'x': NotWeights()}, tmp_path / 'evil.pth')
+    with pytest.raises(WeightsError, match='weights_only=True'):
+        load_reference_checkpoint(DS2Net(TINY_ENCODER), tmp_path / 'evil.pth')
+    with pytest.raises(WeightsError, match='not found'):
+        load_reference_checkpoint(DS2Net(TINY_ENCODER), tmp_path / 'nope.pth')
+
+
+def _original_pvt_checkpoint(name, seed=0):
+    "A classification PVTv2 state dict in the original release's key names (patch_embed1, block1.0, norm1, head)."
+    torch.manual_seed(seed)
+    full = timm.create_model(name, pretrained=False)
+    sd = {_original_pvt_name(k): v.clone() for k, v in full.state_dict().items()}
+    return full, sd
+
+
+def test_encoder_weights_in_original_pvt_naming(tmp_path):
+    full, sd = _original_pvt_checkpoint('pvt_v2_b0')
+    assert 'patch_embed1.proj.weight' in sd and 'block1.0.mlp.dwconv.dwconv.weight' in sd and 'norm4.weight' in sd
+    assert 'head.weight' in sd
+    path = tmp_path / 'pvt_v2_b0.pth'
+    torch.save(sd, path)
+    model = DS2Net('pvt_v2_b0', encoder_weights=path)
+    full_sd = full.state_dict()
+    for k, v in model.encoder.state_dict().items():
+        head, _, rest = k.partition('.')
+        full_key = re.sub(r'_(\d+)$', r'.\1', head) + '.' + rest
+        torch.testing.assert_close(v, full_sd[full_key], msg=k)
+    # the same weights in timm's own naming load too
+    torch.save(full.state_dict(), tmp_path / 'timm.pth')
+    model2 = DS2Net('pvt_v2_b0', encoder_weights=tmp_path / 'timm.pth')
+    for (k, a), b in zip(model.encoder.state_dict().items(), model2.encoder.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+def test_encoder_weights_refuse_partial_files(tmp_path):
+    _, sd = _original_pvt_checkpoint('pvt_v2_b0')
+    del sd['block2.1.attn.q.weight']
+    torch.save(sd, tmp_path / 'partial.pth')
+    with pytest.raises(WeightsError, match=r'missing keys \(1\): stages_1\.blocks\.1\.attn\.q\.weight'):
+        DS2Net('pvt_v2_b0', encoder_weights=tmp_path / 'partial.pth')
+    _, sd = _original_pvt_checkpoint('pvt_v2_b0')
+    torch.save(sd, tmp_path / 'b0.pth')
+    with pytest.raises(WeightsError, match='wrong shapes'):
+        DS2Net('pvt_v2_b1', encoder_weights=tmp_path / 'b0.pth')
+
+
+def test_pretrained_without_network_says_what_to_do():
+    code = "from ds2net.model import DS2Net; DS2Net('resnet18', pretrained=True)"
+    env = dict(os.environ, HF_HUB_OFFLINE='1')
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0
+    assert "Could not get ImageNet weights for encoder 'resnet18'" in r.stderr
+    assert 'encoder_weights=PATH' in r.stderr
+
+
+@pytest.mark.parametrize('encoder', ['resnet18', 'efficientnet_b0', 'convnext_atto', 'pvt_v2_b0'])
+def test_other_timm_encoders(encoder):
+    model = DS2Net(encoder, channels=16).eval()
+    with torch.no_grad(): outs = model(torch.randn(1, 3, 96, 80))
+    assert [o.shape for o in outs] == [torch.Size([1, 1, 96, 80])] * 6
+    assert model.config == dict(encoder=encoder, channels=16, in_chans=3)
+
+
+def test_unknown_encoder():
+    with pytest.raises(ValueError, match="Unknown timm encoder 'resnet_nope'"): DS2Net('resnet_nope')
