@@ -1,0 +1,162 @@
+"The `ds2net` command line: train, resume after SIGTERM, evaluate, predict, synth, convert, validate."
+import csv, hashlib, os, signal, subprocess, sys, time
+import numpy as np
+import pandas as pd
+import pytest, torch
+from pathlib import Path
+from PIL import Image
+from fastai.callback.core import Callback
+
+from ds2net.cli import main, build_parser
+from ds2net.callbacks import read_checkpoint, NonFiniteLossError
+from ds2net.learner import train
+from ds2net.metrics import METRIC_NAMES
+from ds2net.model import TINY_ENCODER
+
+TINY = ['--data', 'synthetic:polyp', '--encoder', TINY_ENCODER, '--size', '64', '--bs', '4', '--lr', '1e-3',
+        '--n-synthetic', '16']
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp('run')
+    assert main(['train', *TINY, '--epochs', '2', '--out', str(out)]) == 0
+    return out
+
+
+def test_train_writes_checkpoints_log_and_plot(trained):
+    for name in ('best.pth', 'last.pth', 'log.csv', 'weights.png', 'summary.json'): assert (trained / name).is_file(), name
+    log = pd.read_csv(trained / 'log.csv')
+    assert list(log.columns[:5]) == ['epoch', 'train_loss', 'valid_loss', 'dice', 'iou'] and len(log) == 2
+    ckpt = read_checkpoint(trained / 'last.pth')
+    assert ckpt['epoch'] == 2 and ckpt['completed'] and ckpt['opt'] is not None
+    cfg = ckpt['config']
+    assert cfg['encoder'] == TINY_ENCODER and cfg['channels'] == 32 and cfg['size'] == 64
+    assert cfg['mean'] == pytest.approx([0.485, 0.456, 0.406]) and cfg['std'] == pytest.approx([0.229, 0.224, 0.225])
+    assert len(ckpt['weights_history']) == 2 and ckpt['weights_history'][0].shape[1] == 6
+
+
+def test_evaluate_from_checkpoint_alone(trained, tmp_path):
+    main(['synth', '--kind', 'polyp', '--n', '5', '--size', '96', '--seed', '7', '--out', str(tmp_path / 'set')])
+    csv_path = tmp_path / 'table.csv'
+    assert main(['evaluate', '--model', str(trained / 'best.pth'), '--data', 'synthetic:polyp', str(tmp_path / 'set'),
+                 '--n-synthetic', '6', '--out', str(csv_path)]) == 0
+    table = pd.read_csv(csv_path, index_col=0)
+    assert list(table.columns[:13]) == list(METRIC_NAMES) and len(table) == 2
+    assert table['n'].tolist() == [6, 5]
+    assert ((table[list(METRIC_NAMES)] >= 0) & (table[list(METRIC_NAMES)] <= 1.01)).all().all()
+
+
+def _md5(p): return hashlib.md5(Path(p).read_bytes()).hexdigest()
+
+
+def test_predict_writes_masks_at_original_sizes(trained, tmp_path):
+    src = tmp_path / 'in put é'; src.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (80, 100, 3), dtype=np.uint8)).save(src / 'a.png')
+    Image.fromarray(rng.integers(0, 255, (50, 70), dtype=np.uint8)).save(src / 'b b.jpg')
+    (src / 'notes.txt').write_text('not an image')
+    before = {p.name: _md5(p) for p in src.iterdir()}
+    assert main(['predict', '--model', str(trained / 'best.pth'), '--input', str(src), '--out', str(tmp_path / 'pred'), '--overlay']) == 0
+    a, b = Image.open(tmp_path / 'pred' / 'a.png'), Image.open(tmp_path / 'pred' / 'b b.png')
+    assert a.size == (100, 80) and b.size == (70, 50) and a.mode == 'L'
+    assert Image.open(tmp_path / 'pred' / 'a_overlay.png').size == (100, 80)
+    assert {p.name: _md5(p) for p in src.iterdir()} == before
+    assert main(['predict', '--model', str(trained / 'best.pth'), '--input', str(src), '--out', str(src)]) == 1
+    assert main(['predict', '--model', str(trained / 'best.pth'), '--input', str(tmp_path / 'nope'), '--out', str(tmp_path / 'p2')]) == 1
+
+
+def test_resume_refuses_another_encoder(trained, tmp_path, capsys):
+    run = tmp_path / 'copy'; run.mkdir()
+    (run / 'last.pth').write_bytes((trained / 'last.pth').read_bytes())
+    args = ['train', *TINY, '--epochs', '3', '--out', str(run), '--resume']
+    args[args.index('--encoder') + 1] = 'resnet18'
+    assert main(args) == 1
+    assert "trained with encoder 'resnet10t' and 32 channels, not 'resnet18'" in capsys.readouterr().err
+
+
+def test_resume_needs_a_checkpoint(tmp_path, capsys):
+    assert main(['train', *TINY, '--epochs', '1', '--out', str(tmp_path / 'empty'), '--resume']) == 1
+    assert 'no ' in capsys.readouterr().err
+
+
+def test_sigterm_then_resume(tmp_path):
+    out = tmp_path / 'run'
+    args = ['train', *TINY, '--n-synthetic', '32', '--epochs', '4', '--out', str(out)]
+    code = f"import sys; from ds2net.cli import main; sys.exit(main({args!r}))"
+    proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if (out / 'last.pth').exists() and read_checkpoint(out / 'last.pth')['epoch'] >= 1: break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.5)  # into the next epoch
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None: proc.kill()
+    assert proc.returncode == 130, err
+    assert 'continue with --resume' in err
+    ckpt = read_checkpoint(out / 'last.pth')
+    interrupted_epoch = ckpt['epoch']
+    if not ckpt['completed']: assert 'SIGTERM' in ckpt['interrupted']
+    assert 1 <= interrupted_epoch < 4
+    assert main(['train', *TINY, '--n-synthetic', '32', '--epochs', '4', '--out', str(out), '--resume']) == 0
+    final = read_checkpoint(out / 'last.pth')
+    assert final['epoch'] == 4 and final['completed']
+    assert len(final['weights_history']) == 4  # the history of the epochs before the stop was kept
+    rows = list(csv.reader(open(out / 'log.csv')))
+    assert rows[0][0] == 'epoch' and sum(r[0] == 'epoch' for r in rows) == 1  # one header
+    epochs = [int(r[0]) for r in rows[1:]]
+    assert epochs[-1] == 3 and set(range(4)) <= set(epochs)
+
+
+def test_nonfinite_loss_keeps_last_good_checkpoint(tmp_path):
+    class Poison(Callback):
+        order = -6
+        def after_pred(self):
+            if self.training and self.epoch == 1 and self.iter == 0: self.learn.pred = tuple(p * float('inf') for p in self.pred)
+    out = tmp_path / 'run'
+    with pytest.raises(NonFiniteLossError, match=r'at epoch 2 of 3, batch 1 of'):
+        train('synthetic:polyp', out, encoder=TINY_ENCODER, size=64, bs=4, epochs=3, lr=1e-3, n_synthetic=16, extra_cbs=[Poison()])
+    assert read_checkpoint(out / 'last.pth')['epoch'] == 1
+
+
+def test_synth_is_deterministic_and_validate(tmp_path):
+    for d in ('a', 'b'):
+        assert main(['synth', '--kind', 'ultrasound', '--n', '3', '--size', '64', '--seed', '5', '--out', str(tmp_path / d)]) == 0
+    files = sorted(p.relative_to(tmp_path / 'a') for p in (tmp_path / 'a').rglob('*.png'))
+    assert len(files) == 6
+    assert all((tmp_path / 'a' / f).read_bytes() == (tmp_path / 'b' / f).read_bytes() for f in files)
+    assert main(['validate', str(tmp_path / 'a')]) == 0
+    (tmp_path / 'a' / 'masks' / files[-1].name).unlink()  # an image without its mask
+    assert main(['validate', str(tmp_path / 'a')]) == 1
+
+
+def test_convert_busi_and_dsb(tmp_path):
+    busi = tmp_path / 'BUSI'
+    for cls in ('benign', 'normal'):
+        (busi / cls).mkdir(parents=True)
+        Image.fromarray(np.full((20, 30, 3), 90, np.uint8)).save(busi / cls / f'{cls} (1).png')
+        m = np.zeros((20, 30), np.uint8); m[2:8, 3:9] = 255 if cls == 'benign' else 0
+        Image.fromarray(m).save(busi / cls / f'{cls} (1)_mask.png')
+    assert main(['convert', '--from', 'busi', str(busi), '--out', str(tmp_path / 'busi_out')]) == 0
+    assert len(list((tmp_path / 'busi_out' / 'masks').iterdir())) == 2
+    assert main(['convert', '--from', 'busi', str(busi), '--out', str(tmp_path / 'busi_nn'), '--no-normal']) == 0
+    assert len(list((tmp_path / 'busi_nn' / 'masks').iterdir())) == 1
+    dsb = tmp_path / 'dsb' / 'abc'
+    (dsb / 'images').mkdir(parents=True); (dsb / 'masks').mkdir()
+    Image.fromarray(np.full((16, 16, 4), 120, np.uint8)).save(dsb / 'images' / 'abc.png')
+    for i, (y, x) in enumerate([(2, 2), (9, 9)]):
+        m = np.zeros((16, 16), np.uint8); m[y:y + 4, x:x + 4] = 255
+        Image.fromarray(m).save(dsb / 'masks' / f'n{i}.png')
+    assert main(['convert', '--from', 'dsb2018', str(tmp_path / 'dsb'), '--out', str(tmp_path / 'dsb_out')]) == 0
+    mask = np.array(Image.open(next((tmp_path / 'dsb_out' / 'masks').iterdir())))
+    assert (mask > 0).sum() == 32
+
+
+def test_cli_argument_errors(capsys):
+    with pytest.raises(SystemExit): build_parser().parse_args(['train', '--data', 'x', '--out', 'o', '--multiscale', '1,a'])
+    assert 'expected numbers separated by commas' in capsys.readouterr().err
+    assert build_parser().parse_args(['train', '--data', 'x', '--out', 'o', '--weighting', '1,0,1,0,1,0']).weighting == (1, 0, 1, 0, 1, 0)

@@ -1,0 +1,114 @@
+"Losses against a direct transcription of spec section 4."
+import math
+import pytest, torch
+from ds2net.losses import (structure_loss, uncertainty_weights, DeepSupervisionLoss, fixed_weights, DS2NET_LEVELS,
+                           as_float_mask)
+
+
+def spec_structure_loss(P, G):
+    "Spec section 4, transcribed one image at a time with explicit loops over the 31×31 window."
+    B, _, H, W = P.shape
+    total = 0.0
+    for b in range(B):
+        g = G[b, 0].double(); p_logit = P[b, 0].double()
+        padded = torch.zeros(H + 30, W + 30, dtype=torch.float64); padded[15:15 + H, 15:15 + W] = g
+        avg = torch.stack([padded[i:i + H, j:j + W] for i in range(31) for j in range(31)]).sum(0) / (31 * 31)
+        w = 1 + 5 * (avg - g).abs()
+        bce = torch.clamp(p_logit, min=0) - p_logit * g + torch.log1p(torch.exp(-p_logit.abs()))
+        wbce = (w * bce).sum() / w.sum()
+        p = 1 / (1 + torch.exp(-p_logit))
+        inter = (p * g * w).sum(); union = ((p + g) * w).sum()
+        wiou = 1 - (inter + 1) / (union - inter + 1)
+        total += wbce + wiou
+    return total / B
+
+
+def spec_weights(side, T=1.0):
+    u = [float((1 - (torch.sigmoid(p.detach().double()) - 0.5).abs() / 0.5).mean()) for p in side]
+    e = [math.exp(x / T) for x in u]
+    a = [x / sum(e) for x in e]
+    return [x / max(a) for x in a], u
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_structure_loss_matches_spec(seed):
+    g = torch.Generator().manual_seed(seed)
+    P = torch.randn(3, 1, 40, 36, generator=g) * 3
+    G = (torch.rand(3, 1, 40, 36, generator=g) > 0.6).float()
+    assert abs(structure_loss(P, G).item() - spec_structure_loss(P, G).item()) <= 1e-6
+    # fastai's (B, H, W) integer masks give the same value
+    assert abs(structure_loss(P, G[:, 0].long()).item() - structure_loss(P, G).item()) <= 1e-7
+
+
+def test_structure_loss_rejects_mismatched_mask():
+    with pytest.raises(ValueError, match=r'mask of shape \(2, 1, 8, 8\) does not match logits of shape \(2, 1, 9, 9\)'):
+        structure_loss(torch.zeros(2, 1, 9, 9), torch.zeros(2, 1, 8, 8))
+
+
+@pytest.mark.parametrize('seed,T', [(0, 1.0), (1, 1.0), (2, 0.5), (3, 3.0)])
+def test_uncertainty_weights_match_spec(seed, T):
+    g = torch.Generator().manual_seed(seed)
+    side = [torch.randn(2, 1, 16, 16, generator=g) * s for s in (0.1, 0.5, 1, 2, 4, 10)]
+    w, u = uncertainty_weights(side, temperature=T)
+    sw, su = spec_weights(side, T)
+    assert torch.allclose(w.double(), torch.tensor(sw, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(u.double(), torch.tensor(su, dtype=torch.float64), atol=1e-6)
+    assert w.max().item() == 1.0
+    if T == 1.0: assert (w >= math.exp(-1) - 1e-7).all() and (w <= 1).all()
+
+
+def test_weights_bounds_at_extremes():
+    sure, unsure = torch.full((1, 1, 4, 4), 50.), torch.zeros(1, 1, 4, 4)
+    w, u = uncertainty_weights([sure, unsure])
+    assert u.tolist() == pytest.approx([0, 1], abs=1e-6)
+    assert w.tolist() == pytest.approx([math.exp(-1), 1], abs=1e-6)  # the bound e^-1 is reached
+
+
+def test_total_loss_and_no_gradient_through_weights():
+    torch.manual_seed(0)
+    G = (torch.rand(2, 1, 32, 32) > 0.5).float()
+    side = [(torch.randn(2, 1, 32, 32) * s).requires_grad_() for s in (0.3, 1, 3, 0.5, 2, 6)]
+    loss_fn = DeepSupervisionLoss('uncertainty')
+    total = loss_fn(side, G)
+    w, _ = spec_weights(side)
+    expected = sum(wn * spec_structure_loss(p.detach(), G).item() for wn, p in zip(w, side))
+    assert abs(total.item() - expected) <= 1e-5
+    assert not loss_fn.last_weights.requires_grad
+    total.backward()
+    # with the weights as constants, d total / d P_n = w_n · d L_n / d P_n
+    for wn, p in zip(loss_fn.last_weights, side):
+        q = p.detach().clone().requires_grad_()
+        structure_loss(q, G).backward()
+        torch.testing.assert_close(p.grad, wn * q.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_fixed_weightings():
+    torch.testing.assert_close(fixed_weights('exp', DS2NET_LEVELS), torch.tensor([.25, .5, 1, .25, .5, 1]))
+    torch.testing.assert_close(fixed_weights('nnunet', DS2NET_LEVELS), torch.tensor([.25, .5, 1, .25, .5, 1]) / 3.5)
+    torch.testing.assert_close(fixed_weights('equal', DS2NET_LEVELS), torch.ones(6))
+    G = (torch.rand(1, 1, 16, 16) > 0.5).float()
+    side = [torch.randn(1, 1, 16, 16) for _ in range(6)]
+    for weighting, w in [('exp', [.25, .5, 1, .25, .5, 1]), ((1, 0, 2, 0, 0, 1), [1, 0, 2, 0, 0, 1])]:
+        total = DeepSupervisionLoss(weighting)(side, G)
+        assert abs(total.item() - sum(wn * structure_loss(p, G).item() for wn, p in zip(w, side))) < 1e-5
+    # another network: four outputs ordered from the finest, or explicit levels
+    four = side[:4]
+    l = DeepSupervisionLoss('exp'); l(four, G)
+    assert l.last_weights.tolist() == [1, .5, .25, .125]
+    l = DeepSupervisionLoss('exp', levels=(3, 2, 1, 0)); l(four, G)
+    assert l.last_weights.tolist() == [.125, .25, .5, 1]
+
+
+def test_loss_errors():
+    with pytest.raises(ValueError, match='weighting must be one of'): DeepSupervisionLoss('linear')
+    with pytest.raises(ValueError, match='temperature must be positive'): DeepSupervisionLoss(temperature=0)
+    with pytest.raises(ValueError, match='3 weights given for 6 side outputs'):
+        DeepSupervisionLoss((1, 1, 1))([torch.zeros(1, 1, 8, 8)] * 6, torch.zeros(1, 1, 8, 8))
+
+
+def test_decodes_gives_target_form():
+    l = DeepSupervisionLoss()
+    probs = torch.tensor([[[[0.2, 0.7], [0.51, 0.5]]]])
+    assert l.decodes(probs).tolist() == [[[0, 1], [1, 0]]]
+    torch.testing.assert_close(l.activation(torch.zeros(1)), torch.tensor([0.5]))
+    assert as_float_mask(torch.ones(2, 4, 4, dtype=torch.long), torch.zeros(2, 1, 4, 4)).dtype == torch.float32

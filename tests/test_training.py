@@ -1,0 +1,182 @@
+"Callbacks and learner: deep supervision in fastai, multi-scale steps, clipping, checkpoints, DynamicUnet heads."
+import math
+import numpy as np
+import pytest, torch
+from pathlib import Path
+from fastai.learner import Learner, load_learner
+from fastai.callback.core import Callback
+from fastai.callback.schedule import combined_cos
+from fastai.torch_core import set_seed
+
+from ds2net.data import segmentation_dls
+from ds2net.model import DS2Net, TINY_ENCODER, WeightsError
+from ds2net.losses import DeepSupervisionLoss, structure_loss
+from ds2net.callbacks import (DeepSupervisionCallback, MultiScaleTraining, MultiScaleDataLoader, GradientClipValue,
+                              NonFiniteLossCallback, NonFiniteLossError, CheckpointCallback, read_checkpoint,
+                              model_from_checkpoint, load_checkpoint_into, scaled_size, plot_weight_trajectories)
+from ds2net.learner import ds2net_learner, attach_side_heads, per_image_scores, ds2net_splitter
+
+
+@pytest.fixture(scope='module')
+def dls():
+    set_seed(0, reproducible=True)
+    return segmentation_dls('synthetic:polyp', size=64, bs=4, n=20, seed=0)
+
+
+def tiny_learner(dls, **kwargs):
+    set_seed(0, reproducible=True)
+    return ds2net_learner(dls, encoder=TINY_ENCODER, lr=1e-3, **kwargs)
+
+
+class Spy(Callback):
+    "Records what the loss and the metrics saw."
+    order = 100
+    def __init__(self): self.loss_inputs, self.preds = [], []
+    def after_pred(self):
+        if isinstance(self.learn.pred, tuple): self.loss_inputs.append(len(self.learn.pred))
+    def after_loss(self): self.preds.append(self.learn.pred)
+
+
+def test_loss_sees_side_outputs_and_the_rest_sees_fused(dls):
+    learn = tiny_learner(dls)
+    spy = Spy()
+    learn.fit(1, cbs=spy)
+    assert set(spy.loss_inputs) == {6}
+    assert all(isinstance(p, torch.Tensor) and p.shape[1] == 1 for p in spy.preds)  # fused, one map
+    preds, targs = learn.get_preds()
+    assert preds.shape == (len(dls.valid_ds), 1, 64, 64) and 0 <= preds.min() and preds.max() <= 1
+    # get_preds' probabilities are the sigmoid of the sum of the six logits
+    xb, _ = dls.valid.one_batch()
+    learn.model.eval()
+    with torch.no_grad(): expected = torch.sigmoid(sum(learn.model(xb)))
+    torch.testing.assert_close(preds[:len(xb)], expected.cpu(), atol=1e-5, rtol=1e-4)
+    # predict decodes a (H, W) mask like the targets
+    dec, _, probs = learn.predict(dls.valid_ds[0][0])
+    assert tuple(dec.shape) == (64, 64) and set(dec.unique().tolist()) <= {0, 1} and probs.shape == (1, 64, 64)
+
+
+def test_weights_and_uncertainties_recorded_per_batch_and_epoch(dls):
+    learn = tiny_learner(dls)
+    learn.fit(2)
+    ds = learn.deep_supervision
+    assert len(ds.weights) == 2 and ds.weights[0].shape == (len(dls.train), 6)
+    assert ds.epoch_weights.shape == (2, 6) and ds.epoch_uncertainties.shape == (2, 6)
+    assert np.allclose(ds.weights[0].max(1), 1) and (ds.weights[0] >= math.exp(-1) - 1e-6).all()
+    assert (0 <= ds.uncertainties[0]).all() and (ds.uncertainties[0] <= 1).all()
+    # the recorded weights follow from the recorded uncertainties
+    u = torch.tensor(ds.uncertainties[1][-1]); a = torch.softmax(u, 0)
+    np.testing.assert_allclose(ds.weights[1][-1], (a / a.max()).numpy(), atol=1e-6)
+    fig = plot_weight_trajectories(ds)
+    assert len(fig.axes) == 2 and len(fig.axes[0].lines) >= 6
+
+
+def test_no_recording_before_training():
+    with pytest.raises(ValueError, match='Nothing recorded yet'): plot_weight_trajectories(DeepSupervisionCallback())
+
+
+def test_multiscale_sizes_and_steps(dls):
+    assert [scaled_size(352, s) for s in (0.75, 1, 1.25)] == [256, 352, 448]
+    assert [scaled_size(352, s) for s in (0.5, 1, 1.5)] == [192, 352, 512]
+    sizes = [tuple(b[0].shape[-2:]) for b in MultiScaleDataLoader(dls.train, (0.5, 1, 1.5))]
+    assert sizes[:3] == [(32, 32), (64, 64), (96, 96)] and len(sizes) == 3 * len(dls.train)
+    b = next(iter(MultiScaleDataLoader(dls.train, (1.5,))))
+    assert b[1].shape[-2:] == (96, 96) and b[1].min() >= 0 and b[1].max() <= 1  # soft mask after bilinear resize
+
+    class CountSteps(Callback):
+        def before_fit(self): self.n = 0
+        def after_step(self): self.n += 1
+    learn = tiny_learner(dls, multiscale=(0.5, 1, 1.5))
+    counter = CountSteps()
+    learn.fit_one_cycle(2, 1e-3, cbs=counter)
+    n = 3 * len(dls.train) * 2
+    assert counter.n == n and learn.train_iter == n
+    # the one-cycle schedule spans every scale step
+    lrs = np.array(learn.recorder.lrs)
+    sched = combined_cos(0.25, 1e-3 / 25, 1e-3, 1e-3 / 1e5)
+    expected = np.array([sched(i / n) for i in range(n)])
+    np.testing.assert_allclose(lrs, expected, rtol=1e-5)
+
+
+def test_gradient_clipping_by_value_and_norm(dls):
+    class Largest(Callback):
+        order = GradientClipValue.order + 1
+        def before_step(self):
+            g = [p.grad for p in self.learn.model.parameters() if p.grad is not None]
+            self.value = max(x.abs().max().item() for x in g)
+            self.norm = torch.norm(torch.stack([x.norm() for x in g])).item()
+    spy = Largest()
+    learn = tiny_learner(dls, clip_value=1e-4)
+    learn.fit(1, cbs=spy)
+    assert spy.value <= 1e-4 + 1e-12
+    spy = Largest()
+    learn = tiny_learner(dls, clip_value=None, clip_norm=1e-3)
+    learn.fit(1, cbs=spy)
+    assert spy.norm <= 1e-3 * 1.001
+
+
+def test_nonfinite_loss_names_epoch_and_batch(dls, tmp_path):
+    class Poison(Callback):
+        order = -6
+        def after_pred(self):
+            if self.training and self.epoch == 1 and self.iter == 1: self.learn.pred = tuple(p * float('nan') for p in self.pred)
+    learn = tiny_learner(dls, cbs=[CheckpointCallback(tmp_path, monitor='valid_loss')])
+    with pytest.raises(NonFiniteLossError, match=r'became nan at epoch 2 of 2, batch 2 of \d+'):
+        learn.fit(2, cbs=Poison())
+    ckpt = read_checkpoint(tmp_path / 'last.pth')
+    assert ckpt['epoch'] == 1 and all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
+
+
+def test_learner_fastai_api(dls, tmp_path):
+    learn = tiny_learner(dls)
+    assert len(ds2net_splitter(learn.model)) == 2
+    learn.path = tmp_path
+    lr = learn.lr_find(num_it=8, show_plot=False)
+    assert lr.valley > 0
+    learn.fine_tune(1, 1e-3, freeze_epochs=1)
+    dice = learn.validate()[1]
+    assert 0 <= dice <= 1
+    learn.show_results(max_n=2)
+    learn.save('model')
+    other = tiny_learner(dls); other.path = tmp_path
+    other.load('model')
+    for a, b in zip(learn.model.state_dict().values(), other.model.state_dict().values()): torch.testing.assert_close(a, b)
+    learn.export(tmp_path / 'export.pkl')
+    reloaded = load_learner(tmp_path / 'export.pkl')
+    x = dls.valid_ds[0][0]
+    torch.testing.assert_close(reloaded.predict(x)[2], learn.predict(x)[2], atol=1e-5, rtol=1e-4)
+
+
+def test_per_image_scores():
+    logits = torch.tensor([[[[3., 3.], [-3., -3.]]], [[[-1., -1.], [-1., -1.]]], [[[1., -1.], [-1., -1.]]]])
+    mask = torch.tensor([[[1, 1], [1, 0]], [[0, 0], [0, 0]], [[0, 0], [0, 1]]])
+    dice, iou = per_image_scores(logits, mask)
+    torch.testing.assert_close(dice, torch.tensor([0.8, 1., 0.]))
+    torch.testing.assert_close(iou, torch.tensor([2 / 3, 1., 0.]))
+
+
+def test_dynamic_unet_side_heads(dls):
+    import timm
+    from torch import nn
+    from fastai.vision.models.unet import DynamicUnet
+    body = nn.Sequential(*list(timm.create_model('resnet18', pretrained=False).children())[:-2])
+    net = attach_side_heads(DynamicUnet(body, n_out=1, img_size=(64, 64)))
+    outs = net(torch.randn(2, 3, 64, 64))
+    assert len(outs) == 5 and all(o.shape == (2, 1, 64, 64) for o in outs)
+    assert net.levels == (4, 3, 2, 1, 0)
+    learn = ds2net_learner(dls, model=net, weighting='exp', lr=1e-3)
+    learn.fit(1)
+    assert learn.loss_func.last_weights.tolist() == [1 / 16, 1 / 8, 1 / 4, 1 / 2, 1]
+    with pytest.raises(ValueError, match='no fastai UnetBlock'): attach_side_heads(nn.Conv2d(3, 1, 1))
+
+
+def test_checkpoint_carries_config_and_refuses_other_networks(dls, tmp_path):
+    learn = tiny_learner(dls, cbs=[CheckpointCallback(tmp_path, dict(size=64, mean=[0.5] * 3, std=[0.2] * 3))])
+    learn.fit(1)
+    model, cfg = model_from_checkpoint(tmp_path / 'best.pth')
+    assert cfg['encoder'] == TINY_ENCODER and cfg['channels'] == 32 and cfg['size'] == 64 and cfg['mean'] == [0.5] * 3
+    with pytest.raises(WeightsError, match=r"encoder: checkpoint 'resnet10t', model 'resnet18'"):
+        load_checkpoint_into(DS2Net('resnet18'), tmp_path / 'best.pth')
+    with pytest.raises(WeightsError, match='channels: checkpoint 32, model 16'):
+        load_checkpoint_into(DS2Net(TINY_ENCODER, channels=16), tmp_path / 'best.pth')
+    torch.save({'model': {}}, tmp_path / 'other.pth')
+    with pytest.raises(WeightsError, match='not a ds2net checkpoint'): read_checkpoint(tmp_path / 'other.pth')
