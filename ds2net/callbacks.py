@@ -34,9 +34,9 @@ class DeepSupervisionCallback(Callback):
         store_attr()
         self.weights, self.uncertainties, self.losses = [], [], []  # one (steps, n_outputs) array per epoch
 
-    def before_fit(self):
-        if getattr(self, '_keep_history', False): self._keep_history = False
-        else: self.weights, self.uncertainties, self.losses = [], [], []
+    # fastai also runs `before_fit` for `validate` and `get_preds`, so the history is cleared at the first
+    # training epoch of a fit, not in `before_fit`
+    def before_fit(self): self._new_fit = True
 
     def restore(self, weights, uncertainties, losses=()):
         "Start the next fit with this history (per-epoch arrays), e.g. when resuming from a checkpoint."
@@ -55,6 +55,9 @@ class DeepSupervisionCallback(Callback):
 
     def after_train(self):
         if not self._w: return
+        if getattr(self, '_new_fit', True):
+            if not getattr(self, '_keep_history', False): self.weights, self.uncertainties, self.losses = [], [], []
+            self._new_fit = self._keep_history = False
         # one host copy per epoch, not per step
         for store, steps in ((self.weights, self._w), (self.uncertainties, self._u), (self.losses, self._l)):
             store.append(torch.stack(steps).float().cpu().numpy())
@@ -244,9 +247,10 @@ class CheckpointCallback(TrackerCallback):
         history = {}
         ds = getattr(self.learn, 'deep_supervision', None)
         if ds is not None:  # the side-output weight history, so that a resumed run plots all of it
-            history = dict(weights_history=[torch.from_numpy(w) for w in ds.weights],
-                           uncertainty_history=[torch.from_numpy(u) for u in ds.uncertainties],
-                           loss_history=[torch.from_numpy(l) for l in ds.losses])
+            done = slice(0, epochs_done)  # an interrupted epoch is trained again on resume: leave out its records
+            history = dict(weights_history=[torch.from_numpy(w) for w in ds.weights[done]],
+                           uncertainty_history=[torch.from_numpy(u) for u in ds.uncertainties[done]],
+                           loss_history=[torch.from_numpy(l) for l in ds.losses[done]])
         return dict(epoch=epochs_done, n_epoch=self.n_epoch, best=float(self.best), monitor=self.monitor,
                     opt=opt, **history, **extra)
 

@@ -54,6 +54,7 @@ def build_parser()->argparse.ArgumentParser:
     t.add_argument('--n-synthetic', type=int, default=400, help='images generated for synthetic data (default 400)')
     t.add_argument('--difficulty', type=float, default=0.5, help='difficulty of synthetic data, 0 to 1 (default 0.5)')
     t.add_argument('--valid-pct', type=float, default=0.2, help='validation fraction without a validation folder')
+    t.add_argument('--threshold', type=int, default=0, help='mask values above this are foreground (default 0; 127 for JPEG masks)')
     t.add_argument('--clip', type=float, default=0.5, help='clip gradients by value (default 0.5; 0 to turn off)')
     t.add_argument('--workers', type=int, default=0, help='DataLoader worker processes')
 
@@ -62,6 +63,7 @@ def build_parser()->argparse.ArgumentParser:
     e.add_argument('--data', required=True, nargs='+', help='test folders (or folders of test sets), or synthetic:<kind>')
     e.add_argument('--out', default=None, help='write the table to this CSV')
     e.add_argument('--n-synthetic', type=int, default=100, help='images of a synthetic test set (default 100)')
+    e.add_argument('--threshold', type=int, default=0, help='mask values above this are foreground (default 0; 127 for JPEG masks)')
     e.add_argument('--device', choices=['cpu', 'cuda'], default=None)
 
     pr = sub.add_parser('predict', help='probability masks (PNG) at each input image’s size')
@@ -78,12 +80,14 @@ def build_parser()->argparse.ArgumentParser:
     s.add_argument('--seed', type=int, default=0)
     s.add_argument('--difficulty', type=float, default=0.5)
     s.add_argument('--out', required=True)
+    s.add_argument('--overwrite', action='store_true', help='write into an output folder that already holds files')
 
     c = sub.add_parser('convert', help='write BUSI or DSB2018 in the images/masks layout')
     c.add_argument('--from', dest='source', choices=['busi', 'dsb2018'], required=True)
     c.add_argument('src', help='the downloaded data set folder (never modified)')
     c.add_argument('--out', required=True)
     c.add_argument('--no-normal', action='store_true', help="BUSI: leave out the 'normal' class (empty masks)")
+    c.add_argument('--overwrite', action='store_true', help='write into an output folder that already holds files')
 
     v = sub.add_parser('validate', help='check a data set before training; non-zero exit on errors')
     v.add_argument('path')
@@ -95,9 +99,11 @@ def build_parser()->argparse.ArgumentParser:
     return p
 
 # %% ../nbs/07_cli.ipynb #c0007
+DEMO_CONFIG = dict(size=128, bs=8, epochs=8, lr=3e-3, n_synthetic=400, multiscale=None, seed=42)
+DEMO_TEST_IMAGES = 100
+
 def run_demo(out='outputs/demo', epochs:int|None=None, **kwargs)->dict:
     "Train DS2Net (tiny encoder) on synthetic colonoscopy on the CPU, evaluate on a held-out synthetic set, draw predictions."
-    from ds2net.learner import read_image  # noqa: F401  (keeps the import graph explicit)
     out = Path(out)
     cfg = dict(DEMO_CONFIG, **kwargs)
     if epochs is not None: cfg['epochs'] = epochs
@@ -107,9 +113,6 @@ def run_demo(out='outputs/demo', epochs:int|None=None, **kwargs)->dict:
     summary['meanDic'] = float(table['meanDic'].iloc[0])
     (out/'summary.json').write_text(json.dumps(summary, indent=2))
     return summary
-
-DEMO_CONFIG = dict(size=128, bs=8, epochs=8, lr=3e-3, n_synthetic=400, multiscale=None, seed=42)
-DEMO_TEST_IMAGES = 100
 
 def save_prediction_figure(checkpoint, dest, n:int=6, kind:str='polyp'):
     "A PNG grid of held-out synthetic images, their masks and the model's predictions."
@@ -135,11 +138,13 @@ def _run(args)->int:
                         lr=args.lr, weighting=args.weighting, multiscale=args.multiscale, encoder_weights=args.encoder_weights,
                         pretrained=args.pretrained, channels=args.channels, device=args.device, precision=args.precision,
                         resume=args.resume, seed=args.seed, n_synthetic=args.n_synthetic, valid_pct=args.valid_pct,
-                        clip_value=args.clip or None, difficulty=args.difficulty, num_workers=args.workers)
+                        clip_value=args.clip or None, difficulty=args.difficulty, threshold=args.threshold,
+                        num_workers=args.workers)
         print(f"trained {summary['epochs'] - summary['start_epoch']} epochs in {summary['seconds']:.0f} s on {summary['device']}; "
               f"best validation Dice {summary['best_dice']:.4f}; checkpoints in {summary['out']}")
     elif args.command == 'evaluate':
-        table = evaluate_checkpoint(args.model, args.data, csv=args.out, n_synthetic=args.n_synthetic, device=args.device)
+        table = evaluate_checkpoint(args.model, args.data, csv=args.out, n_synthetic=args.n_synthetic, device=args.device,
+                                    gt_threshold=args.threshold)
         with __import__('pandas').option_context('display.width', 200, 'display.max_columns', 20):
             print(table.round(4).to_string())
         if args.out: print(f'written to {args.out}')
@@ -147,10 +152,12 @@ def _run(args)->int:
         written = predict_files(args.model, args.input, args.out, overlay=args.overlay, device=args.device)
         print(f'{len(written)} probability masks written to {args.out}')
     elif args.command == 'synth':
-        dest = write_synthetic(args.kind, args.out, n=args.n, size=args.size, seed=args.seed, difficulty=args.difficulty)
+        dest = write_synthetic(args.kind, args.out, n=args.n, size=args.size, seed=args.seed, difficulty=args.difficulty,
+                               overwrite=args.overwrite)
         print(f'{args.n} synthetic {args.kind} images and masks written to {dest}')
     elif args.command == 'convert':
-        dest = convert_busi(args.src, args.out, include_normal=not args.no_normal) if args.source == 'busi' else convert_dsb2018(args.src, args.out)
+        if args.source == 'busi': dest = convert_busi(args.src, args.out, include_normal=not args.no_normal, overwrite=args.overwrite)
+        else: dest = convert_dsb2018(args.src, args.out, overwrite=args.overwrite)
         print(f'written to {dest}')
     elif args.command == 'validate':
         report = validate_dataset(args.path, threshold=args.threshold)

@@ -25,6 +25,8 @@ from fastai.learner import Learner, Metric
 from fastai.optimizer import Adam
 from fastai.torch_core import params, set_seed
 from fastai.vision.core import imagenet_stats
+import fastai.callback.schedule  # adds Learner.fit_one_cycle, fine_tune and lr_find
+import fastai.vision.learner    # show_results for images with masks
 
 from .data import segmentation_dls, read_image
 from .model import DS2Net, TINY_ENCODER, PAPER_ENCODER, fuse_side_outputs, WeightsError
@@ -232,6 +234,7 @@ def train(data:str,                      # a data folder, or 'synthetic:polyp' |
           valid_pct:float=0.2,           # validation fraction when the data have no validation folder
           clip_value:float|None=0.5,     # gradient clipping by value
           difficulty:float=0.5,          # difficulty of synthetic data
+          threshold:int=0,               # mask values above this are foreground (e.g. 127 for JPEG masks)
           num_workers:int=0,             # DataLoader workers
           extra_cbs=None,                # more callbacks (tests use this to interrupt a run)
          )->dict:
@@ -249,7 +252,7 @@ def train(data:str,                      # a data folder, or 'synthetic:polyp' |
                                f"{encoder!r} and {channels}: resume with the same --encoder (and channels), or use a new --out")
     set_seed(seed, reproducible=True)
     dls = segmentation_dls(data, size=size, bs=bs, seed=seed, n=n_synthetic, valid_pct=valid_pct,
-                           difficulty=difficulty, num_workers=num_workers, device=dev)
+                           difficulty=difficulty, threshold=threshold, num_workers=num_workers, device=dev)
     learn = ds2net_learner(dls, encoder=encoder, pretrained=pretrained and not resume, channels=channels,
                            encoder_weights=None if resume else encoder_weights, weighting=weighting,
                            multiscale=multiscale, clip_value=clip_value, lr=lr, path=out, model_dir='.')

@@ -107,7 +107,7 @@ def test_gradient_clipping_by_value_and_norm(dls):
     spy = Largest()
     learn = tiny_learner(dls, clip_value=1e-4)
     learn.fit(1, cbs=spy)
-    assert spy.value <= 1e-4 + 1e-12
+    assert spy.value <= 1e-4 * (1 + 1e-6)  # float32 rounding of the clip value
     spy = Largest()
     learn = tiny_learner(dls, clip_value=None, clip_norm=1e-3)
     learn.fit(1, cbs=spy)
