@@ -49,6 +49,7 @@ check-readme: install
 pytest: install
 	$(BIN)/python -m pytest -q tests
 
-# 4. every notebook executes on CPU (cells flagged `#|gpu` or `#|slow` are skipped)
+# 4. every notebook executes on CPU (cells flagged `#|gpu` or `#|slow` are skipped). One notebook at a time:
+#    two at once, each with torch's own threads, ran ten times slower on 2 cores.
 nbtest: install
-	$(BIN)/nbdev_test --n_workers 2 --timing
+	$(BIN)/nbdev_test --n_workers 1 --timing
