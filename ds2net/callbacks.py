@@ -23,8 +23,7 @@ from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.tracker import TrackerCallback
 from fastai.torch_core import TensorMask
 
-from .model import DS2Net, SIDE_OUTPUT_NAMES, fuse_side_outputs, WeightsError
-from .losses import DeepSupervisionLoss
+from .model import DS2Net, SIDE_OUTPUT_NAMES, fuse_side_outputs, WeightsError, load_exact
 
 # %% ../nbs/04_callbacks.ipynb #c0008
 class DeepSupervisionCallback(Callback):
@@ -216,7 +215,6 @@ def load_checkpoint_into(model:DS2Net, path:str|Path)->dict:
     "Load a ds2net checkpoint's weights into `model` (same encoder and channels, exact keys); return the checkpoint."
     ckpt = read_checkpoint(path)
     check_compatible(ckpt, model, path)
-    from ds2net.model import load_exact
     load_exact(model, ckpt['model'], f"Checkpoint {path}")
     return ckpt
 

@@ -9,8 +9,6 @@ __all__ = ['DEMO_CONFIG', 'DEMO_TEST_IMAGES', 'build_parser', 'run_demo', 'save_
 import argparse, json, sys, time
 from pathlib import Path
 
-import numpy as np
-
 from .data import SYNTHETIC_KINDS, write_synthetic, convert_busi, convert_dsb2018, validate_dataset, DatasetError, make_synthetic
 from .model import PAPER_ENCODER, TINY_ENCODER, WeightsError
 from .losses import WEIGHTINGS

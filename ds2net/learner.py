@@ -9,7 +9,7 @@ __all__ = ['IMAGE_SUFFIXES', 'per_image_scores', 'SegmentationScore', 'Dice', 'I
            'predict_files']
 
 # %% ../nbs/05_learner.ipynb #c0002
-import json, math, os, signal, time
+import json, math, signal, time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,19 +17,17 @@ import numpy as np
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
-from fastcore.basics import store_attr
-from fastai.callback.core import Callback
 from fastai.callback.progress import CSVLogger
 from fastai.callback.training import GradientClip
 from fastai.learner import Learner, Metric
 from fastai.optimizer import Adam
-from fastai.torch_core import params, set_seed
+from fastai.torch_core import params, set_seed, trainable_params
 from fastai.vision.core import imagenet_stats
 import fastai.callback.schedule  # adds Learner.fit_one_cycle, fine_tune and lr_find
-import fastai.vision.learner    # show_results for images with masks
+import fastai.vision.learner  # noqa: F401  (show_results for images with masks)
 
 from .data import segmentation_dls, read_image
-from .model import DS2Net, TINY_ENCODER, PAPER_ENCODER, fuse_side_outputs, WeightsError
+from .model import DS2Net, PAPER_ENCODER, fuse_side_outputs, WeightsError, load_exact
 from .losses import DeepSupervisionLoss, as_float_mask
 from .callbacks import (DeepSupervisionCallback, MultiScaleTraining, GradientClipValue, NonFiniteLossCallback,
                               CheckpointCallback, read_checkpoint, check_compatible, model_from_checkpoint,
@@ -103,7 +101,7 @@ def ds2net_learner(dls,                                  # fastai DataLoaders of
     "A fastai `Learner` for DS2Net with the deep-supervision loss and callbacks, Dice/IoU metrics and an encoder/decoder splitter."
     if model is None:
         model = DS2Net(encoder, pretrained=pretrained, channels=channels, encoder_weights=encoder_weights)
-    splitter = ds2net_splitter if hasattr(model, 'encoder') else kwargs.pop('splitter', None)
+    splitter = kwargs.pop('splitter', None) or (ds2net_splitter if hasattr(model, 'encoder') else trainable_params)
     loss_func = DeepSupervisionLoss(weighting, temperature, levels=getattr(model, 'levels', None))
     callbacks = [DeepSupervisionCallback(), NonFiniteLossCallback()]
     if multiscale: callbacks.append(MultiScaleTraining(multiscale))
@@ -111,7 +109,7 @@ def ds2net_learner(dls,                                  # fastai DataLoaders of
     if clip_norm: callbacks.append(GradientClip(clip_norm))
     learn = Learner(dls, model, loss_func=loss_func, opt_func=Adam, lr=lr, wd=wd,
                     metrics=[Dice(), IoU()] if metrics is None else metrics,
-                    splitter=splitter or (lambda m: [params(m)]), cbs=callbacks + list(cbs or []), **kwargs)
+                    splitter=splitter, cbs=callbacks + list(cbs or []), **kwargs)
     learn.ds2net_config = {**getattr(model, 'config', {}), **data_config(dls)}
     return learn
 
@@ -164,7 +162,6 @@ def load_training_state(learn:Learner, path:str|Path)->dict:
     "Load weights and optimizer state of a ds2net checkpoint into `learn` (same encoder and channels); returns the checkpoint."
     ckpt = read_checkpoint(path)
     check_compatible(ckpt, learn.model, path)
-    from ds2net.model import load_exact
     load_exact(learn.model, ckpt['model'], f"Checkpoint {path}")
     if ckpt.get('opt') is not None:
         if learn.opt is None: learn.create_opt()

@@ -7,7 +7,6 @@ __all__ = ['DS2NET_LEVELS', 'WEIGHTINGS', 'as_float_mask', 'boundary_weights', '
            'uncertainty_weights', 'fixed_weights', 'DeepSupervisionLoss']
 
 # %% ../nbs/03_losses.ipynb #c0003
-import math
 from typing import Callable, Sequence
 
 import torch

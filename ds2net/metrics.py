@@ -21,7 +21,7 @@ from PIL import Image
 from py_sod_metrics import (MAE, DICEHandler, Emeasure, FmeasureV2, IOUHandler, Smeasure, TNRHandler, TPRHandler,
                             WeightedFmeasure)
 
-from .data import SYNTHETIC_KINDS, make_synthetic, find_test_sets, find_pairs, read_image, read_mask
+from .data import make_synthetic, find_test_sets, find_pairs, read_image, read_mask
 from .callbacks import model_from_checkpoint
 from .learner import predict_probabilities, resolve_device
 

@@ -1,8 +1,8 @@
 "The `ds2net` command line: train, resume after SIGTERM, evaluate, predict, synth, convert, validate."
-import csv, hashlib, os, signal, subprocess, sys, time
+import csv, hashlib, signal, subprocess, sys, time
 import numpy as np
 import pandas as pd
-import pytest, torch
+import pytest
 from pathlib import Path
 from PIL import Image
 from fastai.callback.core import Callback

@@ -13,8 +13,8 @@ from scipy import ndimage
 
 from ds2net.data import (SYNTHETIC_KINDS, make_polyp, make_ultrasound, make_nuclei, make_synthetic, write_synthetic,
                          read_image, read_mask, read_masks_union, find_pairs, find_test_sets, detect_layout,
-                         validate_dataset, load_samples, DatasetError, DatasetReport, convert_busi, convert_dsb2018,
-                         GroupSplitter, segmentation_dls, write_example_layout, show_samples, Sample)
+                         validate_dataset, load_samples, DatasetError, convert_busi, convert_dsb2018,
+                         GroupSplitter, segmentation_dls, write_example_layout, show_samples)
 
 # ---------------------------------------------------------------- helpers
 

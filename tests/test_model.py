@@ -2,9 +2,9 @@
 import os, re, subprocess, sys
 import pytest, timm, torch
 import torch.nn.functional as F
-from ds2net.blocks import DEM, SEM, upsample_like
+from ds2net.blocks import DEM, SEM
 from ds2net.model import (DS2Net, TINY_ENCODER, WeightsError, count_parameters, count_flops, load_reference_checkpoint,
-                          reference_state_dict, load_encoder_weights, _original_pvt_name, SIDE_OUTPUT_NAMES)
+                          reference_state_dict, _original_pvt_name)
 
 
 @pytest.fixture(scope='module')

@@ -2,17 +2,15 @@
 import math
 import numpy as np
 import pytest, torch
-from pathlib import Path
-from fastai.learner import Learner, load_learner
+from fastai.learner import load_learner
 from fastai.callback.core import Callback
 from fastai.callback.schedule import combined_cos
 from fastai.torch_core import set_seed
 
 from ds2net.data import segmentation_dls
 from ds2net.model import DS2Net, TINY_ENCODER, WeightsError
-from ds2net.losses import DeepSupervisionLoss, structure_loss
-from ds2net.callbacks import (DeepSupervisionCallback, MultiScaleTraining, MultiScaleDataLoader, GradientClipValue,
-                              NonFiniteLossCallback, NonFiniteLossError, CheckpointCallback, read_checkpoint,
+from ds2net.callbacks import (DeepSupervisionCallback, MultiScaleDataLoader, GradientClipValue,
+                              NonFiniteLossError, CheckpointCallback, read_checkpoint,
                               model_from_checkpoint, load_checkpoint_into, scaled_size, plot_weight_trajectories)
 from ds2net.learner import ds2net_learner, attach_side_heads, per_image_scores, ds2net_splitter
 
