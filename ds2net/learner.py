@@ -263,7 +263,7 @@ def train(data:str,                      # a data folder, or 'synthetic:polyp' |
         learn.deep_supervision.restore(ckpt.get('weights_history', []), ckpt.get('uncertainty_history', []),
                                        ckpt.get('loss_history', []))
         if start_epoch >= epochs: raise ValueError(f"{out/'last.pth'} has done {start_epoch} epochs already; ask for more --epochs")
-    cbs = [ResumableCSVLogger(out/'log.csv', append=resume), checkpoints] + list(extra_cbs or [])
+    cbs = [ResumableCSVLogger('log.csv', append=resume), checkpoints] + list(extra_cbs or [])  # relative to learn.path = out
     learn.add_cbs(cbs)  # attached to the learner (not just this fit) so they are still there if training is interrupted
     t0 = time.time()
     try:

@@ -160,3 +160,9 @@ def test_cli_argument_errors(capsys):
     with pytest.raises(SystemExit): build_parser().parse_args(['train', '--data', 'x', '--out', 'o', '--multiscale', '1,a'])
     assert 'expected numbers separated by commas' in capsys.readouterr().err
     assert build_parser().parse_args(['train', '--data', 'x', '--out', 'o', '--weighting', '1,0,1,0,1,0']).weighting == (1, 0, 1, 0, 1, 0)
+
+
+def test_relative_out_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(['train', *TINY, '--epochs', '1', '--out', 'runs/rel']) == 0
+    assert sorted(p.name for p in (tmp_path / 'runs' / 'rel').iterdir()) == ['best.pth', 'last.pth', 'log.csv', 'summary.json', 'weights.png']
