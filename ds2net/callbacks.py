@@ -23,7 +23,7 @@ from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.tracker import TrackerCallback
 from fastai.torch_core import TensorMask
 
-from .model import DS2Net, SIDE_OUTPUT_NAMES, fuse_side_outputs, WeightsError, load_exact
+from .model import DS2Net, SIDE_OUTPUT_NAMES, fuse_side_outputs, WeightsError, load_exact, load_weights_only
 
 # %% ../nbs/04_callbacks.ipynb #c0008
 class DeepSupervisionCallback(Callback):
@@ -193,11 +193,7 @@ def save_checkpoint(path:str|Path, # file to write
 
 def read_checkpoint(path:str|Path)->dict:
     "Read a ds2net checkpoint with `weights_only=True`, checking that it is one."
-    path = Path(path)
-    if not path.is_file(): raise WeightsError(f"Checkpoint not found: {path}")
-    try: ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"Could not read {path} with weights_only=True ({type(e).__name__}). Is it a ds2net checkpoint?") from e
+    ckpt = load_weights_only(path, 'ds2net checkpoint')
     if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT:
         raise WeightsError(f"{path} is not a ds2net checkpoint (written by `ds2net train` or `save_checkpoint`). For the "
                            f"authors' checkpoints use `load_reference_checkpoint`; for ImageNet weights `encoder_weights=`.")

@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['PAPER_ENCODER', 'TINY_ENCODER', 'SIDE_OUTPUT_NAMES', 'SIDE_OUTPUT_STRIDES', 'WeightsError', 'create_encoder',
            'translation_layer', 'DS2NetOutputs', 'fuse_side_outputs', 'DS2Net', 'count_parameters', 'count_flops',
-           'read_weights', 'load_exact', 'encoder_state_from_checkpoint', 'load_encoder_weights',
-           'reference_state_dict', 'load_reference_checkpoint']
+           'load_weights_only', 'read_weights', 'check_keys', 'load_exact', 'encoder_state_from_checkpoint',
+           'load_encoder_weights', 'reference_state_dict', 'load_reference_checkpoint']
 
 # %% ../nbs/02_model.ipynb #c0003
 import re
@@ -169,14 +169,19 @@ def count_flops(model:nn.Module, # the network
     return counter.get_total_flops()
 
 # %% ../nbs/02_model.ipynb #c0028
+def load_weights_only(path:str|Path, what:str='weights file'):
+    "`torch.load(path, weights_only=True)` on the CPU, with errors that name the file."
+    path = Path(path)
+    if not path.is_file(): raise WeightsError(f"{what[0].upper() + what[1:]} not found: {path}")
+    try: return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"Could not read {path} as a {what} with weights_only=True ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}). A weights file holds only tensors, numbers "
+                           f"and strings, saved with torch.save.") from e
+
 def read_weights(path:str|Path)->dict:
     "A state dict from `path`, loaded with `weights_only=True` (unwraps `{'state_dict': ...}` and `{'model': ...}`)."
-    path = Path(path)
-    if not path.is_file(): raise WeightsError(f"Weights file not found: {path}")
-    try: obj = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"Could not read {path} as a PyTorch weights file with weights_only=True ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}). Pass a state dict saved with torch.save.") from e
+    obj = load_weights_only(path)
     for key in ('state_dict', 'model', 'model_state'):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict): obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
@@ -187,19 +192,24 @@ def _list(keys, n=12):
     keys = sorted(keys)
     return ', '.join(keys[:n]) + (f' ... and {len(keys)-n} more' if len(keys) > n else '')
 
+def check_keys(expected:dict, # name -> tensor the model expects
+               given:dict,    # name -> tensor from the file
+               source:str,    # what to call the file in the message
+               hint:str='Check that the file was saved for the same encoder and channel count.'):
+    "Raise `WeightsError` listing missing keys, unexpected keys and wrong shapes, if there are any."
+    missing, unexpected = set(expected) - set(given), set(given) - set(expected)
+    wrong = [f'{k} {tuple(given[k].shape)} (model: {tuple(expected[k].shape)})'
+             for k in set(expected) & set(given) if given[k].shape != expected[k].shape]
+    if not (missing or unexpected or wrong): return
+    lines = [f"{source} does not match:"]
+    if missing: lines.append(f"  missing keys ({len(missing)}): {_list(missing)}")
+    if unexpected: lines.append(f"  unexpected keys ({len(unexpected)}): {_list(unexpected)}")
+    if wrong: lines.append(f"  wrong shapes ({len(wrong)}): {_list(wrong)}")
+    raise WeightsError('\n'.join(lines + [f'  {hint}']))
+
 def load_exact(module:nn.Module, state_dict:dict, source:str):
     "Load `state_dict` into `module` only if keys and shapes match exactly; otherwise raise `WeightsError` listing the differences."
-    expected = module.state_dict()
-    missing, unexpected = set(expected) - set(state_dict), set(state_dict) - set(expected)
-    wrong = [f'{k} {tuple(state_dict[k].shape)} (model: {tuple(expected[k].shape)})'
-             for k in set(expected) & set(state_dict) if state_dict[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        lines = [f"{source} does not match the model:"]
-        if missing: lines.append(f"  missing keys ({len(missing)}): {_list(missing)}")
-        if unexpected: lines.append(f"  unexpected keys ({len(unexpected)}): {_list(unexpected)}")
-        if wrong: lines.append(f"  wrong shapes ({len(wrong)}): {_list(wrong)}")
-        lines.append("  Check that the file was saved for the same encoder and channel count.")
-        raise WeightsError('\n'.join(lines))
+    check_keys(module.state_dict(), state_dict, f'{source} and the model')
     module.load_state_dict(state_dict, strict=True)
 
 # %% ../nbs/02_model.ipynb #c0030
@@ -299,18 +309,10 @@ def load_reference_checkpoint(model:DS2Net, # the network to fill, built with th
     sd = read_weights(path)
     # the original PVTv2 classification head is not part of a segmentation backbone
     sd = {k: v for k, v in sd.items() if not k.startswith('backbone1.head.')}
-    expected = reference_state_dict(model)
-    missing, unexpected = set(expected) - set(sd), set(sd) - set(expected)
-    wrong = [f'{k} {tuple(sd[k].shape)} (model: {tuple(expected[k].shape)})'
-             for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        lines = [f"Reference checkpoint {path} does not match DS2Net(encoder='{model.encoder_name}', channels={model.channels}):"]
-        if missing: lines.append(f"  missing keys ({len(missing)}): {_list(missing)}")
-        if unexpected: lines.append(f"  unexpected keys ({len(unexpected)}): {_list(unexpected)}")
-        if wrong: lines.append(f"  wrong shapes ({len(wrong)}): {_list(wrong)}")
-        lines.append("  The authors' layout is backbone1.* (original PVTv2 names), Translayer1_j.*, DEMi.*, SEMi.*, output_convn.*; "
-                     "build the model with the checkpoint's encoder and channel count.")
-        raise WeightsError('\n'.join(lines))
+    check_keys(reference_state_dict(model), sd,
+               f"Reference checkpoint {path} and DS2Net(encoder='{model.encoder_name}', channels={model.channels})",
+               "The authors' layout is backbone1.* (original PVTv2 names), Translayer1_j.*, DEMi.*, SEMi.*, output_convn.*; "
+               "build the model with the checkpoint's encoder and channel count.")
     encoder_sd = {k[len('backbone1.'):]: v for k, v in sd.items() if k.startswith('backbone1.')}
     state = {'encoder.' + k: v for k, v in encoder_state_from_checkpoint(encoder_sd, model.encoder, model.encoder_name).items()}
     state |= {_rename(k, _REFERENCE_RULES): v for k, v in sd.items() if not k.startswith('backbone1.')}
