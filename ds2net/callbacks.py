@@ -156,9 +156,8 @@ class NonFiniteLossError(RuntimeError):
 
 class NonFiniteLossCallback(Callback):
     "Stop training at the first NaN or infinite loss, naming epoch and batch; the step with it is never taken."
-    order = -4
-    def after_loss(self):
-        if not self.training or not len(self.learn.yb): return
+    order = MixedPrecision.order - 1  # before fp16's scaler could skip the step silently
+    def before_step(self):
         if not torch.isfinite(self.learn.loss).all():
             raise NonFiniteLossError(
                 f"The loss became {self.learn.loss.item()} at epoch {self.epoch + 1} of {self.n_epoch}, "

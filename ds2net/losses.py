@@ -33,11 +33,12 @@ def boundary_weights(mask:Tensor)->Tensor:
 
 def structure_loss(logits:Tensor, # (B, 1, H, W) logits of one side output
                    mask:Tensor,   # (B, H, W) or (B, 1, H, W) target in [0, 1]
+                   weights:Tensor|None=None, # `boundary_weights(mask)` if already computed (it depends on the mask only)
                   )->Tensor:
     "Boundary-weighted BCE plus boundary-weighted IoU, per image, averaged over the batch (PraNet's structure loss)."
     mask = as_float_mask(mask, logits)
     logits = logits.as_subclass(Tensor)
-    w = boundary_weights(mask)
+    w = boundary_weights(mask) if weights is None else weights
     wbce = (w * F.binary_cross_entropy_with_logits(logits, mask, reduction='none')).sum((2, 3)) / w.sum((2, 3))
     p = torch.sigmoid(logits)
     inter = (p * mask * w).sum((2, 3))
@@ -102,15 +103,24 @@ class DeepSupervisionLoss(nn.Module):
         n, device = len(side_logits), side_logits[0].device
         if self.weighting == 'uncertainty': return uncertainty_weights(side_logits, self.temperature)
         u = torch.stack([side_output_uncertainty(p.detach()) for p in side_logits])
-        if isinstance(self.weighting, tuple):
-            if len(self.weighting) != n: raise ValueError(f"{len(self.weighting)} weights given for {n} side outputs")
-            return torch.tensor(self.weighting, device=device), u
-        return fixed_weights(self.weighting, self._levels(n)).to(device), u
+        # fixed weights go to the device once, not at every step (a host-to-device copy would stall the step)
+        cached = getattr(self, '_fixed', None)
+        if cached is None or cached.shape[0] != n or cached.device != device:
+            if isinstance(self.weighting, tuple):
+                if len(self.weighting) != n: raise ValueError(f"{len(self.weighting)} weights given for {n} side outputs")
+                cached = torch.tensor(self.weighting)
+            else: cached = fixed_weights(self.weighting, self._levels(n))
+            self._fixed = cached = cached.to(device)
+        return cached, u
 
     def forward(self, side_logits:Sequence[Tensor]|Tensor, mask:Tensor)->Tensor:
         "Σ_n w_n · base(P_n, G); a single tensor of logits is one output with weight 1."
         if isinstance(side_logits, Tensor): side_logits = (side_logits,)
-        losses = torch.stack([self.base(p, mask) for p in side_logits])
+        if self.base is structure_loss:  # the boundary weights depend on the mask only: compute them once, not per output
+            mask = as_float_mask(mask, side_logits[0])
+            w = boundary_weights(mask)
+            losses = torch.stack([structure_loss(p, mask, weights=w) for p in side_logits])
+        else: losses = torch.stack([self.base(p, mask) for p in side_logits])
         weights, uncertainties = self.side_weights(side_logits)
         self.last_weights, self.last_uncertainties, self.last_losses = weights, uncertainties, losses.detach()
         return (weights.to(losses.dtype) * losses).sum()
