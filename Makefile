@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.ds2net-installed
 export PYTHONHASHSEED := 0
 
-.PHONY: install demo test export clean-nbs readme check-export check-clean check-readme pytest nbtest
+.PHONY: install demo test export clean-nbs readme check-export check-clean check-readme pytest nbtest docs-env docs docs-serve
 
 install: $(STAMP)
 
@@ -19,7 +19,7 @@ $(STAMP): settings.ini setup.py
 demo: install
 	$(BIN)/ds2net demo
 
-test: install check-export check-clean check-readme pytest nbtest
+test: install docs-env check-export check-clean check-readme pytest nbtest
 
 export: install
 	$(BIN)/nbdev_export
@@ -53,3 +53,25 @@ pytest: install
 #    two at once, each with torch's own threads, ran ten times slower on 2 cores.
 nbtest: install
 	$(BIN)/nbdev_test --n_workers 1 --timing
+
+# The docs site (tools/docs.py, nbs/09_docs.ipynb): nbdev's processing in .venv, MkDocs Material + mkdocs-jupyter
+# in their own .venv-docs (jupytext, which mkdocs-jupyter pulls in, must stay out of the lab's .venv).
+DOCS_VENV  := .venv-docs
+DOCS_STAMP := $(DOCS_VENV)/.ds2net-docs-installed
+DOCS_PORT  ?= 8000
+
+docs-env: $(DOCS_STAMP)
+
+$(DOCS_STAMP): docs/requirements.txt
+	test -x $(DOCS_VENV)/bin/python || $(PYTHON) -m venv $(DOCS_VENV)
+	$(DOCS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(DOCS_VENV)/bin/python -m pip install -q -r docs/requirements.txt
+	touch $(DOCS_STAMP)
+
+# Builds _site/ from the notebooks' committed outputs (nothing is re-executed).
+docs: install docs-env
+	$(BIN)/python tools/docs.py build --site _site
+
+docs-serve: docs
+	@echo "ds2net docs: http://127.0.0.1:$(DOCS_PORT)/index.html  (Ctrl-C stops the server)"
+	$(BIN)/python -m http.server $(DOCS_PORT) --bind 127.0.0.1 --directory _site

@@ -1,0 +1,41 @@
+"""MkDocs hooks of the ds2net site (docs/mkdocs.yml): keep every page offline.
+
+mkdocs-jupyter's template (nbconvert's lab template) puts on each notebook page a MathJax `<script src>` (from
+a CDN, or empty when no URL is configured) and a module script that imports mermaid from a CDN when a page has
+a mermaid diagram; jupyter-widgets' manager comes too when a notebook carries widget state (tools/docs.py drops
+that state). No ds2net notebook writes TeX or mermaid, so these scripts are removed rather than vendored: a
+page then requests nothing from any host but the one serving it.
+
+mkdocs-jupyter also builds a notebook page's table of contents with its own slugs, which drop code spans
+(`### Colonoscopy: `make_polyp`` -> `#colonoscopy`) where nbconvert's heading id keeps them
+(`colonoscopy-make_polyp`): such a link is pointed at the heading it was made from.
+"""
+import re
+
+_script = re.compile(r'<script\b([^>]*)>(.*?)</script>', re.S | re.I)
+_src = re.compile(r'\bsrc\s*=\s*"([^"]*)"', re.I)
+_offsite = re.compile(r'^(?:https?:)?//', re.I)
+_imports_offsite = re.compile(r'''import\s*\(\s*["'](?:https?:)?//|\bimport\s[^;]*\bfrom\s*["'](?:https?:)?//''')
+
+def _keep(m):
+    attrs, body = m.group(1), m.group(2)
+    src = _src.search(attrs)
+    if src and (not src.group(1).strip() or _offsite.match(src.group(1))): return ''   # empty or off-site src
+    if not src and _imports_offsite.search(body): return ''                          # module importing from a CDN
+    return m.group(0)
+
+_id = re.compile(r'\bid="([^"]+)"')
+_local_href = re.compile(r'href="#([^"]+)"')
+
+def _fix_toc(output):
+    ids = _id.findall(output)
+    known = set(ids)
+    def fix(m):
+        frag = m.group(1)
+        if frag in known: return m.group(0)
+        near = next((i for i in ids if i.startswith(frag + '-')), None)
+        return f'href="#{near}"' if near else m.group(0)
+    return _local_href.sub(fix, output)
+
+def on_post_page(output, page, config):
+    return _fix_toc(_script.sub(_keep, output))
