@@ -149,10 +149,14 @@ def _split_directives(src:str):
         k, v = _re_directive.match(lines.pop(0)).groups(); d[k] = v
     return d, '\n'.join(lines)
 
+_re_warning = re.compile(r'^\S.*:\d+: \w*Warning: ', re.M)
+
 def _clean_outputs(outputs):
-    "Drop widget views (keeping a static image if the output carries one) and script outputs."
+    "Drop widget views (keeping a static image if the output carries one), script outputs and Python warnings on stderr."
     res = []
     for o in outputs:
+        if o.get('output_type') == 'stream' and o.get('name') == 'stderr' and _re_warning.search(''.join(o.get('text', ''))):
+            continue      # e.g. torch's FutureWarning while fastai is imported: noise for a reader
         data = o.get('data')
         if data is not None:
             has_widget = any(m in data for m in WIDGET_MIMES)
