@@ -580,3 +580,17 @@ def test_dataloaders_can_be_pickled_empty():
     dls = segmentation_dls('synthetic:polyp', size=32, bs=2, n=6)
     blob = pickle.dumps(dls.new_empty())
     assert len(blob) < 200_000
+
+# ---------------------------------------------------------------- the package: three modules, one namespace
+
+def test_data_package_reexports_its_three_modules():
+    "`from ds2net.data import X` reaches every public name of data.loaders, data.synthetic and data.folders."
+    import importlib
+    import ds2net.data as data
+    mods = [importlib.import_module(f'ds2net.data.{m}') for m in ('loaders', 'synthetic', 'folders')]
+    names = [n for m in mods for n in m.__all__]
+    assert sorted(data.__all__) == sorted(names) and len(set(names)) == len(names)
+    for m in mods:
+        for n in m.__all__: assert getattr(data, n) is getattr(m, n), n
+    assert data.segmentation_dls.__module__ == 'ds2net.data.loaders'
+    assert not (Path(data.__file__).parent.parent/'data.py').exists()   # the old single module is gone
