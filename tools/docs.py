@@ -102,6 +102,12 @@ def process(work:Path, n_workers:int=2, quiet=False, verbose=False)->dict:
 _re_directive = re.compile(r'^\s*#\|\s*([\w-]+)\s*:?\s*(.*?)\s*$')
 _re_pandoc_attr = re.compile(r'(\]\([^)\s]*\))\{[^}\n]*\}')    # [source](url){target="_blank" ...}
 _re_hr_first = re.compile(r'\A\s*---\s*\n')
+_re_source_first = re.compile(r'\A\s*(\[source\]\([^)\s]*\))\s*\n+(#+ [^\n]*\n)')
+
+def show_doc_markdown(md:str)->str:
+    "nbdev's show_doc Markdown, for MkDocs: no leading rule, and the source link under the heading (Quarto floats it right)."
+    md = _re_pandoc_attr.sub(r'\1', _re_hr_first.sub('', md))
+    return _re_source_first.sub(lambda m: f'{m.group(2)}\n<small>{m.group(1)}</small>\n', md)
 
 def page_name(rel:str, frontmatter:dict)->str:
     "Where a notebook's page lives: Quarto's output-file, else nbdev's rule (number prefix dropped), as .ipynb."
@@ -195,7 +201,7 @@ def convert_notebook(nb:dict, rel:str, page:str, cfg, resolve=None)->dict:
         if d.get('echo') == 'false' or d.get('output') == 'asis':
             mds = [''.join(o['data']['text/markdown']) for o in outputs if 'text/markdown' in o.get('data', {})]
             if mds:       # show_doc: its Markdown becomes the page's own, so headings reach the TOC and anchors
-                for m in mds: out.append(_md_cell(clean_markdown(_re_hr_first.sub('', m), page, prefix, resolve)))
+                for m in mds: out.append(_md_cell(clean_markdown(show_doc_markdown(m), page, prefix, resolve)))
                 continue
             if d.get('echo') == 'false':
                 if outputs: out.append({**c, 'source': '', 'outputs': outputs, 'metadata': {'tags': ['remove_input']}})
