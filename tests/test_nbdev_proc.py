@@ -20,3 +20,28 @@ def test_every_notebook_survives_nbdev_doc_processing(docs_work):
     expected = sorted(p.relative_to(ROOT/'nbs').as_posix() for p in (ROOT/'nbs').rglob('*.ipynb')
                       if not any(part.startswith(('_', '.')) for part in p.relative_to(ROOT/'nbs').parts))
     assert processed == expected
+
+def _docs_build():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('ds2net_docs_build', ROOT/'tools'/'docs.py')
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    return mod
+
+def test_the_class_of_error_is_caught(tmp_path, monkeypatch):
+    "A notebook whose import cell needs a variable from a cell nbdev does not run fails processing, and says where."
+    import json
+    monkeypatch.chdir(ROOT)
+    cell = lambda src: {'cell_type': 'code', 'execution_count': None, 'id': f'c{abs(hash(src)) % 10**6}', 'metadata': {}, 'outputs': [], 'source': src}
+    def notebook(cells):
+        p = tmp_path/f'nb{len(list(tmp_path.glob("*.ipynb")))}.ipynb'
+        p.write_text(json.dumps({'cells': [{'cell_type': 'markdown', 'id': 'm0', 'metadata': {}, 'source': '# A chapter\n\n> summary'}] + cells,
+                                 'metadata': {'kernelspec': {'display_name': 'python3', 'language': 'python', 'name': 'python3'}},
+                                 'nbformat': 4, 'nbformat_minor': 5}))
+        return p
+    build = _docs_build()
+    bad = notebook([cell('#| export\ndef f(x): return x'), cell('data = [1, 2]'), cell('import math\nmath.prod(data)')])
+    err, _ = build._proc_one((str(bad), str(tmp_path/'out-bad.ipynb')))
+    assert err and "NameError: name 'data' is not defined" in err and 'import math' in err
+    good = notebook([cell('#| export\ndef f(x): return x'), cell('import math'), cell('data = [1, 2]\nmath.prod(data)')])
+    err, _ = build._proc_one((str(good), str(tmp_path/'out-good.ipynb')))
+    assert err is None and (tmp_path/'out-good.ipynb').exists()
