@@ -352,8 +352,11 @@ def write_pages(work:Path)->tuple:
 def mkdocs_config(work:Path, site:Path, nav)->Path:
     "A config that inherits docs/mkdocs.yml and adds the paths and the navigation of this build."
     import yaml
+    from nbdev.config import get_config
+    c = get_config()
     cfg = {'INHERIT': str(DOCS/'mkdocs.yml'), 'docs_dir': str(work/'pages'), 'site_dir': str(site),
-           'hooks': [str(DOCS/'hooks.py')], 'nav': nav}
+           'site_name': c.title, 'site_description': c.description, 'hooks': [str(DOCS/'hooks.py')], 'nav': nav,
+           'extra': {'social': [{'icon': 'fontawesome/brands/github', 'link': c.git_url, 'name': f'{c.lib_name} on GitHub'}]}}
     p = work/'mkdocs.yml'
     p.write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True), encoding='utf-8')
     return p
