@@ -6,15 +6,21 @@
 __all__ = ['DEMO_CONFIG', 'DEMO_TEST_IMAGES', 'build_parser', 'run_demo', 'save_prediction_figure', 'main']
 
 # %% ../nbs/08_cli.ipynb #c0003
-import argparse, json, sys, time
+import argparse, json, sys, time, warnings
 from pathlib import Path
 
-from .data import SYNTHETIC_KINDS, write_synthetic, convert_busi, convert_dsb2018, validate_dataset, DatasetError, make_synthetic
-from .model import PAPER_ENCODER, TINY_ENCODER, WeightsError
-from .losses import WEIGHTINGS
-from .callbacks import NonFiniteLossError, model_from_checkpoint
-from .learner import train, predict_files, predict_probabilities, TrainingInterrupted
-from .metrics import evaluate_checkpoint, SYNTHETIC_TEST_SEED
+# fastai.layers decorates a function with `torch.jit.script` when it is imported, and torch warns on every run that
+# `torch.jit.script` is deprecated. That one warning, from that one module, is silenced for these imports only.
+with warnings.catch_warnings():
+    warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning,
+                            module=r'torch\.jit\._script')
+    from ds2net.data import SYNTHETIC_KINDS, write_synthetic, convert_busi, convert_dsb2018, validate_dataset, DatasetError, make_synthetic
+    from ds2net.model import PAPER_ENCODER, TINY_ENCODER, WeightsError
+    from ds2net.losses import WEIGHTINGS
+    from ds2net.callbacks import NonFiniteLossError, model_from_checkpoint
+    from ds2net.learner import (train, predict_files, predict_probabilities, TrainingInterrupted, FINE_TUNE_LR,
+                                FROM_SCRATCH_LR, RUN_FILES)
+    from ds2net.metrics import evaluate_checkpoint, SYNTHETIC_TEST_SEED
 
 # %% ../nbs/08_cli.ipynb #c0006
 def _floats(text:str)->tuple:
@@ -38,7 +44,10 @@ def build_parser()->argparse.ArgumentParser:
     t.add_argument('--size', type=int, default=352, help='training image size (default 352)')
     t.add_argument('--bs', type=int, default=8, help='batch size (default 8)')
     t.add_argument('--epochs', type=int, default=100, help='epochs (default 100)')
-    t.add_argument('--lr', type=float, default=1e-4, help='peak learning rate of the one-cycle schedule (default 1e-4)')
+    t.add_argument('--lr', type=float, default=None, help=
+        f'peak learning rate of the one-cycle schedule. Default: {FINE_TUNE_LR:g} (the paper\'s) when ImageNet weights are '
+        f'loaded (--pretrained or --encoder-weights), {FROM_SCRATCH_LR:g} when the encoder starts from scratch; '
+        f'a resumed run keeps its own')
     t.add_argument('--weighting', type=_weighting, default='uncertainty', help=f"{', '.join(WEIGHTINGS)} or weights like 1,1,1,1,1,1")
     t.add_argument('--multiscale', type=_floats, default=None, help='train each batch at these scales, e.g. 0.75,1,1.25')
     t.add_argument('--encoder-weights', default=None, help='local ImageNet weights for the encoder (e.g. pvt_v2_b2.pth)')
@@ -47,13 +56,15 @@ def build_parser()->argparse.ArgumentParser:
     t.add_argument('--device', choices=['cpu', 'cuda'], default=None, help='default: cuda when present')
     t.add_argument('--precision', choices=['fp32', 'bf16', 'fp16'], default='fp32', help='mixed precision needs CUDA')
     t.add_argument('--out', required=True, help='output folder: best.pth, last.pth, log.csv, weights.png')
-    t.add_argument('--resume', action='store_true', help='continue from OUT/last.pth')
+    t.add_argument('--resume', action='store_true', help='continue the run in OUT from OUT/last.pth')
+    t.add_argument('--overwrite', action='store_true', help=f"replace the run in OUT ({', '.join(RUN_FILES)}); without "
+                   "--resume or --overwrite a folder that holds files is refused")
     t.add_argument('--seed', type=int, default=42)
     t.add_argument('--n-synthetic', type=int, default=400, help='images generated for synthetic data (default 400)')
     t.add_argument('--difficulty', type=float, default=0.5, help='difficulty of synthetic data, 0 to 1 (default 0.5)')
     t.add_argument('--valid-pct', type=float, default=0.2, help='validation fraction without a validation folder')
     t.add_argument('--threshold', type=int, default=0, help='mask values above this are foreground (default 0; 127 for JPEG masks)')
-    t.add_argument('--clip', type=float, default=0.5, help='clip gradients by value (default 0.5; 0 to turn off)')
+    t.add_argument('--clip', type=float, default=0.5, help='clip gradients by value (default 0.5; 0 turns clipping off)')
     t.add_argument('--workers', type=int, default=0, help='DataLoader worker processes')
 
     e = sub.add_parser('evaluate', help="the field's 13-metric table of a checkpoint")
@@ -67,8 +78,9 @@ def build_parser()->argparse.ArgumentParser:
     pr = sub.add_parser('predict', help='probability masks (PNG) at each input image’s size')
     pr.add_argument('--model', required=True, help='a ds2net checkpoint')
     pr.add_argument('--input', required=True, help='an image file or a folder of images')
-    pr.add_argument('--out', required=True, help='output folder')
+    pr.add_argument('--out', required=True, help="output folder (never the input folder or a data set's masks folder)")
     pr.add_argument('--overlay', action='store_true', help='also write <name>_overlay.png')
+    pr.add_argument('--overwrite', action='store_true', help='replace files of the same names in OUT (refused without it)')
     pr.add_argument('--device', choices=['cpu', 'cuda'], default=None)
 
     s = sub.add_parser('synth', help='write a synthetic data set in the images/masks layout')
@@ -92,7 +104,8 @@ def build_parser()->argparse.ArgumentParser:
     v.add_argument('--threshold', type=int, default=0, help='mask values above this are foreground (default 0)')
 
     d = sub.add_parser('demo', help='the main job: train the tiny encoder on synthetic polyps on CPU, evaluate, write outputs/demo')
-    d.add_argument('--out', default='outputs/demo')
+    d.add_argument('--out', default='outputs/demo', help="the demo's folder (default outputs/demo): running the demo again "
+                   "replaces the files the demo writes there")
     d.add_argument('--epochs', type=int, default=None)
     return p
 
@@ -105,11 +118,11 @@ def run_demo(out='outputs/demo', epochs:int|None=None, **kwargs)->dict:
     out = Path(out)
     cfg = dict(DEMO_CONFIG, **kwargs)
     if epochs is not None: cfg['epochs'] = epochs
-    summary = train('synthetic:polyp', out, encoder=TINY_ENCODER, device='cpu', **cfg)
+    summary = train('synthetic:polyp', out, encoder=TINY_ENCODER, device='cpu', overwrite=True, **cfg)  # the demo's own folder
     table = evaluate_checkpoint(out/'best.pth', ['synthetic:polyp'], csv=out/'metrics.csv', n_synthetic=DEMO_TEST_IMAGES)
     save_prediction_figure(out/'best.pth', out/'predictions.png')
     summary['meanDic'] = float(table['meanDic'].iloc[0])
-    (out/'summary.json').write_text(json.dumps(summary, indent=2))
+    (out/'summary.json').write_text(json.dumps(summary, indent=2, allow_nan=False))
     return summary
 
 def save_prediction_figure(checkpoint, dest, n:int=6, kind:str='polyp'):
@@ -130,16 +143,20 @@ def save_prediction_figure(checkpoint, dest, n:int=6, kind:str='polyp'):
     return Path(dest)
 
 # %% ../nbs/08_cli.ipynb #c0009
+def _count(n:int, noun:str)->str: return f"{n} {noun}{'' if n == 1 else 's'}"
+
 def _run(args)->int:
     if args.command == 'train':
         summary = train(args.data, args.out, encoder=args.encoder, size=args.size, bs=args.bs, epochs=args.epochs,
                         lr=args.lr, weighting=args.weighting, multiscale=args.multiscale, encoder_weights=args.encoder_weights,
                         pretrained=args.pretrained, channels=args.channels, device=args.device, precision=args.precision,
-                        resume=args.resume, seed=args.seed, n_synthetic=args.n_synthetic, valid_pct=args.valid_pct,
+                        resume=args.resume, overwrite=args.overwrite, seed=args.seed, n_synthetic=args.n_synthetic, valid_pct=args.valid_pct,
                         clip_value=args.clip or None, difficulty=args.difficulty, threshold=args.threshold,
                         num_workers=args.workers)
-        print(f"trained {summary['epochs'] - summary['start_epoch']} epochs in {summary['seconds']:.0f} s on {summary['device']}; "
-              f"best validation Dice {summary['best_dice']:.4f}; checkpoints in {summary['out']}")
+        n, dice = summary['epochs'] - summary['start_epoch'], summary['best_dice']
+        print(f"trained {_count(n, 'epoch')} in {summary['seconds']:.0f} s on {summary['device']} at lr {summary['lr']:g} "
+              f"({summary['lr_source']}); best validation Dice {'n/a' if dice is None else f'{dice:.4f}'}; "
+              f"checkpoints in {summary['out']}")
     elif args.command == 'evaluate':
         table = evaluate_checkpoint(args.model, args.data, csv=args.out, n_synthetic=args.n_synthetic, device=args.device,
                                     gt_threshold=args.threshold)
@@ -147,8 +164,10 @@ def _run(args)->int:
             print(table.round(4).to_string())
         if args.out: print(f'written to {args.out}')
     elif args.command == 'predict':
-        written = predict_files(args.model, args.input, args.out, overlay=args.overlay, device=args.device)
-        print(f'{len(written)} probability masks written to {args.out}')
+        written = predict_files(args.model, args.input, args.out, overlay=args.overlay, overwrite=args.overwrite,
+                                device=args.device)
+        overlays = f" and {_count(len(written), 'overlay')}" if args.overlay else ''
+        print(f"{_count(len(written), 'probability mask')}{overlays} written to {args.out}")
     elif args.command == 'synth':
         dest = write_synthetic(args.kind, args.out, n=args.n, size=args.size, seed=args.seed, difficulty=args.difficulty,
                                overwrite=args.overwrite)
@@ -175,5 +194,5 @@ def main(argv=None)->int:
     try: return _run(args)
     except TrainingInterrupted as e:
         print(f'ds2net: {e}', file=sys.stderr); return 130
-    except (ValueError, FileNotFoundError, WeightsError, DatasetError, NonFiniteLossError, RuntimeError) as e:
+    except (ValueError, OSError, WeightsError, DatasetError, NonFiniteLossError, RuntimeError) as e:
         print(f'ds2net {args.command}: error: {e}', file=sys.stderr); return 1
