@@ -194,5 +194,7 @@ def main(argv=None)->int:
     try: return _run(args)
     except TrainingInterrupted as e:
         print(f'ds2net: {e}', file=sys.stderr); return 130
+    except KeyboardInterrupt:  # before training started (or in another command): nothing half-written to report
+        print(f'ds2net {args.command}: interrupted', file=sys.stderr); return 130
     except (ValueError, OSError, WeightsError, DatasetError, NonFiniteLossError, RuntimeError) as e:
         print(f'ds2net {args.command}: error: {e}', file=sys.stderr); return 1
