@@ -494,6 +494,9 @@ def check_predict_out(files, out:Path, overlay:bool=False, overwrite:bool=False)
     "Refuse an output folder that is the input's, a data set's masks folder, or that holds files of the names to write (unless `overwrite`); returns the names."
     out = Path(out)
     if out.exists() and not out.is_dir(): raise ValueError(f"--out {out} is a file: give a folder for the masks")
+    parent = out
+    while not parent.exists() and parent != parent.parent: parent = parent.parent
+    if not parent.is_dir(): raise ValueError(f"--out {out}: {parent} is a file, so no folder can be made inside it; choose another --out")
     if out.resolve() in {f.parent.resolve() for f in files}:
         raise ValueError(f"--out {out} is the input folder: choose another folder (ds2net never writes over your images)")
     images = _masks_folder_of_dataset(out)
@@ -529,15 +532,20 @@ def predict_files(checkpoint:str|Path, # a ds2net checkpoint (best.pth or last.p
     inp, out = Path(inp), Path(out)
     files = _input_files(inp)
     names = check_predict_out(files, out, overlay, overwrite)
-    model, config = model_from_checkpoint(checkpoint)
-    model.to(resolve_device(device))
-    out.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device)
+    created = _make_out(out)  # a folder that cannot be made or written is refused before the model is loaded
     written = []
-    for i in range(0, len(files), bs):
-        chunk, chunk_names = files[i:i + bs], names[i:i + bs]
-        images = [read_image(f) for f in chunk]
-        for (mask_name, overlay_name), im, prob in zip(chunk_names, images, predict_probabilities(model, images, config, bs=bs)):
-            Image.fromarray(np.round(prob * 255).astype(np.uint8)).save(out/mask_name)
-            written.append(out/mask_name)
-            if overlay_name: Image.fromarray(overlay_image(im, prob)).save(out/overlay_name)
+    try:
+        model, config = model_from_checkpoint(checkpoint)
+        model.to(dev)
+        for i in range(0, len(files), bs):
+            chunk, chunk_names = files[i:i + bs], names[i:i + bs]
+            images = [read_image(f) for f in chunk]
+            for (mask_name, overlay_name), im, prob in zip(chunk_names, images, predict_probabilities(model, images, config, bs=bs)):
+                Image.fromarray(np.round(prob * 255).astype(np.uint8)).save(out/mask_name)
+                written.append(out/mask_name)
+                if overlay_name: Image.fromarray(overlay_image(im, prob)).save(out/overlay_name)
+    except BaseException:
+        _remove_if_empty(out, created)  # a failed prediction leaves no empty folder behind
+        raise
     return written

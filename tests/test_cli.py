@@ -14,7 +14,7 @@ from ds2net.learner import train
 from ds2net.metrics import METRIC_NAMES
 from ds2net.model import TINY_ENCODER
 
-TINY = ['--data', 'synthetic:polyp', '--encoder', TINY_ENCODER, '--size', '64', '--bs', '4', '--lr', '1e-3',
+TINY = ['--data', 'synthetic:polyp', '--encoder', TINY_ENCODER, '--size', '64', '--bs', '4', '--lr', '1e-3', '--device', 'cpu',
         '--n-synthetic', '16']
 
 
@@ -113,7 +113,7 @@ def test_nonfinite_loss_keeps_last_good_checkpoint(tmp_path):
             if self.training and self.epoch == 1 and self.iter == 0: self.learn.pred = tuple(p * float('inf') for p in self.pred)
     out = tmp_path / 'run'
     with pytest.raises(NonFiniteLossError, match=r'at epoch 2 of 3, batch 1 of'):
-        train('synthetic:polyp', out, encoder=TINY_ENCODER, size=64, bs=4, epochs=3, lr=1e-3, n_synthetic=16, extra_cbs=[Poison()])
+        train('synthetic:polyp', out, encoder=TINY_ENCODER, size=64, bs=4, epochs=3, lr=1e-3, n_synthetic=16, device='cpu', extra_cbs=[Poison()])
     assert read_checkpoint(out / 'last.pth')['epoch'] == 1
 
 

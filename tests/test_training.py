@@ -18,7 +18,7 @@ from ds2net.learner import ds2net_learner, attach_side_heads, per_image_scores, 
 @pytest.fixture(scope='module')
 def dls():
     set_seed(0, reproducible=True)
-    return segmentation_dls('synthetic:polyp', size=64, bs=4, n=20, seed=0)
+    return segmentation_dls('synthetic:polyp', size=64, bs=4, n=20, seed=0, device='cpu')
 
 
 def tiny_learner(dls, **kwargs):
