@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'TEMP_SUFFIX', 'DeepSupervisionCallback', 'plot_weight_trajectories', 'scaled_size',
-           'resize_batch', 'MultiScaleDataLoader', 'MultiScaleTraining', 'GradientClipValue', 'NonFiniteLossError',
-           'NonFiniteLossCallback', 'to_plain', 'atomic_write', 'remove_stale_temps', 'save_checkpoint',
-           'read_checkpoint', 'check_compatible', 'load_checkpoint_into', 'model_from_checkpoint', 'CheckpointCallback',
-           'PlainProgress', 'is_terminal', 'plain_output', 'use_plain_progress']
+           'resize_batch', 'MultiScaleDataLoader', 'MultiScaleTraining', 'GradientClipValue', 'Autocast',
+           'NonFiniteLossError', 'NonFiniteLossCallback', 'to_plain', 'atomic_write', 'remove_stale_temps',
+           'save_checkpoint', 'read_checkpoint', 'check_compatible', 'load_checkpoint_into', 'model_from_checkpoint',
+           'CheckpointCallback', 'PlainProgress', 'is_terminal', 'plain_output', 'use_plain_progress']
 
 # %% ../nbs/04_callbacks.ipynb #c0003
 import math, os, sys
@@ -153,6 +153,28 @@ class GradientClipValue(Callback):
         store_attr()
     def before_step(self): nn.utils.clip_grad_value_(self.learn.model.parameters(), self.clip)
 
+# %% ../nbs/04_callbacks.ipynb #c0020b
+def _to_fp32(pred):
+    if isinstance(pred, (tuple, list)): return type(pred)(_to_fp32(p) for p in pred)
+    return pred.float() if isinstance(pred, Tensor) and pred.is_floating_point() else pred
+
+class Autocast(Callback):
+    "Forward pass under `torch.autocast` on the batch's device (bf16 by default); predictions, loss and metrics in fp32."
+    order = MixedPrecision.order
+    def __init__(self, dtype:torch.dtype=torch.bfloat16): # the low-precision type: torch.bfloat16 (CPU or GPU) or torch.float16 (GPU)
+        store_attr(); self._ctx = None
+    def before_batch(self):
+        self._ctx = torch.autocast(self.xb[0].device.type, dtype=self.dtype)
+        self._ctx.__enter__()
+    def _exit(self):
+        if self._ctx is not None: ctx, self._ctx = self._ctx, None; ctx.__exit__(None, None, None)
+    def after_pred(self):
+        self._exit()
+        self.learn.pred = _to_fp32(self.pred)
+    def after_batch(self): self._exit()
+    def after_cancel_batch(self): self._exit()
+    def after_fit(self): self._exit()
+
 # %% ../nbs/04_callbacks.ipynb #c0022
 class NonFiniteLossError(RuntimeError):
     "Training stopped because the loss became NaN or infinite."
@@ -172,7 +194,7 @@ class NonFiniteLossCallback(Callback):
     def before_step(self):
         if torch.isfinite(self.learn.loss).all(): return
         lr = self.opt.hypers[-1]['lr'] if self.opt is not None else None
-        mixed = any(isinstance(cb, MixedPrecision) for cb in self.learn.cbs)
+        mixed = any(isinstance(cb, (MixedPrecision, Autocast)) for cb in self.learn.cbs)
         clip = _clipping(self.learn)
         tried = ["mixed precision is on: train in fp32 (`--precision fp32`)" if mixed else None,
                  None if clip else "gradients are not clipped: clip them (`--clip 0.5`)"]
@@ -278,7 +300,8 @@ def model_from_checkpoint(path:str|Path)->tuple:
     "Rebuild the network a checkpoint (best.pth or last.pth) was trained with, load its weights; returns `(model in eval mode, config)`."
     ckpt = read_checkpoint(path)
     cfg = ckpt['config']
-    model = DS2Net(cfg['encoder'], pretrained=False, channels=cfg['channels'], in_chans=cfg.get('in_chans', 3))
+    model = DS2Net(cfg['encoder'], pretrained=False, channels=cfg['channels'], in_chans=cfg.get('in_chans', 3),
+                   drop_path_rate=cfg.get('drop_path_rate'))  # None (a checkpoint from before it was stored): the default
     check_compatible(ckpt, model, path)
     load_exact(model, ckpt['model'], f"Checkpoint {path}")
     return model.eval(), cfg

@@ -168,7 +168,7 @@ BAD_FLAGS = [
     (['--multiscale', '0,1'], '--multiscale 0.0,1.0: give positive scales'),
     (['--encoder', 'no_such_net'], '--encoder no_such_net: timm has no model of that name'),
     (['--encoder-weights', 'missing.pth'], '--encoder-weights missing.pth: no such file'),
-    (['--precision', 'bf16'], "--precision bf16 uses fastai's mixed precision, which needs a CUDA GPU"),
+    (['--precision', 'fp16'], "--precision fp16 uses fastai's mixed precision with a gradient scaler, which needs a CUDA GPU"),
     (['--resume', '--overwrite'], '--resume and --overwrite contradict each other'),
 ]
 
@@ -265,7 +265,7 @@ class PoisonFirstBatch(Callback):
 def test_nonfinite_loss_message_is_true_to_the_run(tmp_path):
     out = tmp_path / 'run'
     with pytest.raises(NonFiniteLossError) as info:
-        train('synthetic:polyp', out, epochs=2, lr=1e-3, extra_cbs=[PoisonFirstBatch()], **TINY)
+        train('synthetic:polyp', out, epochs=2, lr=1e-3, precision='fp32', extra_cbs=[PoisonFirstBatch()], **TINY)
     msg = str(info.value)
     assert msg.startswith('The loss became ') and 'at epoch 1 of 2, batch 1 of' in msg and 'Exception occured' not in msg
     assert 'the run is already in fp32' in msg.lower() and 'already clipped by value at ±0.5' in msg

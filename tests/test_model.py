@@ -3,6 +3,7 @@ import os, re, subprocess, sys
 import pytest, timm, torch
 import torch.nn.functional as F
 from ds2net.blocks import DEM, SEM
+from timm.layers import DropPath
 from ds2net.model import (DS2Net, TINY_ENCODER, WeightsError, count_parameters, count_flops, load_reference_checkpoint,
                           reference_state_dict, _original_pvt_name)
 
@@ -55,8 +56,9 @@ def test_gradients_reach_every_parameter(encoder, kwargs):
     model = DS2Net(encoder, **kwargs).train()
     # Dropout2d on a one-channel map zeroes the SEM's whole spatial map half of the time (then the 7×7 conv gets
     # no gradient, by design); evaluate it as the identity here so every parameter must get a gradient.
+    # Stochastic depth (PVTv2's drop_path_rate 0.1) may skip a block for both images; evaluate it as the identity too.
     for m in model.modules():
-        if isinstance(m, torch.nn.Dropout2d): m.eval()
+        if isinstance(m, (torch.nn.Dropout2d, DropPath)): m.eval()
     x, y = torch.randn(2, 3, 64, 64), (torch.rand(2, 1, 64, 64) > 0.5).float()
     sum(F.binary_cross_entropy_with_logits(o, y) for o in model(x)).backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
@@ -212,3 +214,41 @@ def test_other_timm_encoders(encoder):
 
 def test_unknown_encoder():
     with pytest.raises(ValueError, match="Unknown timm encoder 'resnet_nope'"): DS2Net('resnet_nope')
+
+
+def test_drop_path_rate_default_config_and_eval_outputs(paper, tmp_path):
+    "The paper's stochastic depth is on for PVTv2 (0.1, rising over the 16 blocks), stored in the config, and changes no eval output."
+    assert paper.drop_path_rate == 0.1 and paper.config['drop_path_rate'] == 0.1
+    rates = [m.drop_prob for m in paper.modules() if isinstance(m, DropPath)]
+    # 0, 0.1/15, ..., 0.1 over the 16 blocks (two per block: attention and MLP); timm leaves out the first block's 0
+    assert len(rates) == 2 * 15 and abs(min(rates) - 0.1 / 15) < 1e-6 and abs(max(rates) - 0.1) < 1e-6
+    assert DS2Net(TINY_ENCODER).drop_path_rate == 0 and DS2Net(TINY_ENCODER, drop_path_rate=0.05).config['drop_path_rate'] == 0.05
+    # eval outputs are those of the same weights without stochastic depth, exactly, and still the reference mapping's
+    plain = DS2Net('pvt_v2_b2', drop_path_rate=0).eval()
+    plain.load_state_dict(paper.state_dict())
+    path = tmp_path / 'ref.pth'
+    torch.save(reference_state_dict(paper), path)
+    from_ref = load_reference_checkpoint(DS2Net('pvt_v2_b2'), path).eval()
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        for a, b, c in zip(paper(x), plain(x), from_ref(x)):
+            assert torch.equal(a, b) and torch.equal(a, c)
+    # in training it does act: two forward passes of the same batch differ
+    torch.manual_seed(0)
+    paper.train()
+    try:
+        with torch.no_grad(): assert not torch.equal(paper(x)[0], paper(x)[0])
+    finally: paper.eval()
+
+
+def test_checkpoint_without_drop_path_rate_still_loads(tmp_path):
+    from ds2net.callbacks import save_checkpoint, model_from_checkpoint
+    model = DS2Net(TINY_ENCODER, channels=8)
+    save_checkpoint(tmp_path / 'new.pth', model, dict(size=64))
+    old = torch.load(tmp_path / 'new.pth', weights_only=True)
+    assert old['config']['drop_path_rate'] == 0.0
+    del old['config']['drop_path_rate']  # as written before the key existed
+    torch.save(old, tmp_path / 'old.pth')
+    loaded, cfg = model_from_checkpoint(tmp_path / 'old.pth')
+    assert 'drop_path_rate' not in cfg and loaded.drop_path_rate == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
