@@ -258,6 +258,7 @@ def save_checkpoint(path:str|Path, # file to write
                    )->Path:
     "Write a ds2net checkpoint atomically and durably (`atomic_write`)."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, nn.parallel.DistributedDataParallel): model = model.module  # training on several processes
     ckpt = to_plain(dict(format=CHECKPOINT_FORMAT, config={**model.config, **(config or {})}, model=model.state_dict(), **state))
     return atomic_write(path, lambda f: torch.save(ckpt, f))
 
