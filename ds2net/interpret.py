@@ -6,7 +6,7 @@
 __all__ = ['STAGE_STRIDES', 'GT_COLOR', 'PRED_COLOR', 'MAP_CMAP', 'UNCERTAINTY_CMAP', 'ATTRIBUTION_CMAP', 'ATTRIBUTION_METHODS',
            'LAYER_NAMES', 'ATTRIBUTION_VIEWS', 'pixel_uncertainty', 'denormalize', 'upsample', 'StageMaps',
            'stage_maps', 'outline', 'show_map', 'error_map', 'dice_at', 'show_predictions', 'show_stage_maps',
-           'show_uncertainty', 'ForegroundLogitSum', 'fused_logits', 'resolve_layer', 'attribute',
+           'show_uncertainty', 'ForegroundLogitSum', 'fused_logits', 'resolve_layer', 'attribute', 'explanation_target',
            'normalize_attribution', 'show_attributions', 'SegmentationInterpretation', 'Explorer', 'explore']
 
 # %% ../nbs/07_interpret.ipynb #c0002
@@ -210,10 +210,10 @@ def show_stage_maps(maps:StageMaps,     # from `stage_maps`
         show_map(axs[1, k + 1], maps.semantic_masks_up[k][i, 0], f'semantic mask {k+1} (SEM{k+1}, 1/{s})', gt=gt)
         for row, n in ((2, k), (3, k + 3)):
             show_map(axs[row, k + 1], maps.side_probs[n][i, 0],
-                     f'side output {SIDE_OUTPUT_NAMES[n]}: u={u[n]:.2f}, w={w[n]:.2f}', gt=gt)
+                     f'{SIDE_OUTPUT_NAMES[n]}: u={u[n]:.2f}, w={w[n]:.2f}', gt=gt)
     im = axs[0, 1].images[0]
     fig.colorbar(im, ax=axs[:, 1:], shrink=0.6, label='mask value / probability')
-    for row, label in enumerate(('detail path', 'semantic path', 'side outputs\nd1 d2 d3', 'side outputs\ns1 s2 s3')):
+    for row, label in enumerate(('detail path', 'semantic path', 'side outputs\n(detail path)', 'side outputs\n(semantic path)')):
         axs[row, 1].set_ylabel(label, fontsize=10)
     fig.suptitle('Inside DS2Net, stage by stage (stage 1 coarse → stage 3 fine)', fontsize=12)
     return fig
@@ -318,6 +318,16 @@ def attribute(model:nn.Module,                    # a DS2Net (or any network ret
     finally: model.train(was_training)
     return attr.detach()
 
+def explanation_target(prob:Tensor, # (B, 1, H, W) predicted probabilities
+                       masks=None,  # (B, H, W) or (B, 1, H, W) ground truth, or None
+                      )->Tensor|None:
+    "What to explain: the predicted foreground, or the true lesion for the images where nothing is predicted."
+    pred = (prob > 0.5).float()
+    if masks is None: return None
+    gt = _as_mask(masks, prob)
+    empty = pred.flatten(1).sum(1) == 0
+    return torch.where(empty.view(-1, 1, 1, 1), gt, pred)
+
 def normalize_attribution(attr:Tensor)->Tensor:
     "|attribution| divided by its maximum over each image: (B, 1, H, W) in [0, 1], for display on a fixed range."
     a = attr.detach().float().abs().cpu()
@@ -389,7 +399,8 @@ class SegmentationInterpretation:
         idx = self.worst(k)
         device = next(self.model.parameters()).device
         maps = stage_maps(self.model, self.x[idx].to(device), self.y[idx], self.mean, self.std)
-        attr = normalize_attribution(attribute(self.model, self.x[idx].to(device), method, layer=layer))
+        target = explanation_target(maps.fused_prob, maps.masks)  # an empty prediction: explain the missed lesion
+        attr = normalize_attribution(attribute(self.model, self.x[idx].to(device), method, target=target, layer=layer))
         cols = ['image', 'prediction', 'uncertainty', 'detail mask 3', 'semantic mask 3', f'{method.replace("_", " ")}']
         fig, axs = plt.subplots(len(idx), len(cols), figsize=(size * len(cols) + 1, size * len(idx)), squeeze=False,
                                 constrained_layout=True)
@@ -399,12 +410,15 @@ class SegmentationInterpretation:
             axs[r, 0].set_ylabel(f'#{i}: Dice {self.dice[i]:.2f}', fontsize=9)
             im = show_map(axs[r, 1], maps.fused_prob[r, 0], gt=gt)
             outline(axs[r, 1], maps.fused_prob[r, 0].numpy() >= 0.5, PRED_COLOR, ls='--')
-            show_map(axs[r, 2], maps.fused_uncertainty[r, 0], cmap=UNCERTAINTY_CMAP, gt=gt)
+            im_u = show_map(axs[r, 2], maps.fused_uncertainty[r, 0], cmap=UNCERTAINTY_CMAP, gt=gt)
             show_map(axs[r, 3], maps.detail_masks_up[2][r, 0], gt=gt)
             show_map(axs[r, 4], maps.semantic_masks_up[2][r, 0], gt=gt)
-            show_map(axs[r, 5], attr[r, 0], cmap=ATTRIBUTION_CMAP, gt=gt)
+            im_a = show_map(axs[r, 5], attr[r, 0], cmap=ATTRIBUTION_CMAP, gt=gt)
         for c, name in enumerate(cols): axs[0, c].set_title(name, fontsize=9)
-        fig.colorbar(im, ax=axs[:, 1:], shrink=0.6, label='value, 0 to 1 (uncertainty and attribution on their own maps)')
+        fig.colorbar(im, ax=axs[:, 1], shrink=0.6, label='probability')
+        fig.colorbar(im_u, ax=axs[:, 2], shrink=0.6, label='uncertainty')
+        fig.colorbar(im, ax=axs[:, 4], shrink=0.6, label='mask value')
+        fig.colorbar(im_a, ax=axs[:, 5], shrink=0.6, label='|attribution| ÷ max')
         fig.suptitle(f'The {len(idx)} validation images with the lowest Dice (truth red, prediction dashed cyan)', fontsize=11)
         return fig
 
@@ -453,8 +467,7 @@ class Explorer:
         "Attribution of image `i` by `method`, normalised to [0, 1] (computed on demand, once)."
         if (i, method) not in self._attr:
             device = next(self.model.parameters()).device
-            target = None  # the predicted foreground; where nothing is predicted, the true lesion if known
-            if self.y is not None and not (self.maps_of(i).fused_prob > 0.5).any(): target = self.y[i:i + 1]
+            target = explanation_target(self.maps_of(i).fused_prob, None if self.y is None else self.y[i:i + 1])
             with warnings.catch_warnings():
                 warnings.simplefilter('ignore')
                 a = attribute(self.model, self.x[i:i + 1].to(device), method, target=target)

@@ -262,3 +262,12 @@ def test_fastai_batches_work_as_they_come(learn):
         assert type(a) is torch.Tensor and tuple(a.shape) == (2, 1, 64, 64)
     m = stage_maps(learn.model, x[:2], y[:2])
     assert type(m.fused_prob) is torch.Tensor and type(m.masks) is torch.Tensor
+
+
+def test_explanation_target_falls_back_to_the_truth_only_where_nothing_is_predicted():
+    from ds2net.interpret import explanation_target
+    prob = torch.zeros(2, 1, 8, 8); prob[0, 0, :4] = 0.9          # image 0 predicts the top half, image 1 nothing
+    gt = torch.zeros(2, 8, 8); gt[:, 4:, :4] = 1
+    t = explanation_target(prob, gt)
+    assert torch.equal(t[0, 0], (prob[0, 0] > 0.5).float()) and torch.equal(t[1, 0], gt[1])
+    assert explanation_target(prob, None) is None

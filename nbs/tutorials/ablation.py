@@ -6,7 +6,7 @@ Trains DS2Net and a fastai `DynamicUnet` with side heads under four deep-supervi
 - `ablation_results.csv`: one row per run (network, weighting, seed, validation Dice, held-out Dice, seconds),
 - `ablation_weights.csv`: the mean weight of each side output per epoch of every run.
 
-Run from the repository root: `.venv/bin/python nbs/tutorials/ablation.py` (about 20 minutes on 2 CPU cores);
+Run from the repository root: `.venv/bin/python nbs/tutorials/ablation.py` (about 10 minutes on 2 idle CPU cores);
 `--seeds 0 --epochs 2` for a quick look.
 """
 import argparse, time
@@ -66,8 +66,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     p.add_argument('--size', type=int, default=64)
-    p.add_argument('--n', type=int, default=200, help='synthetic images per run (80% train, 20% validation)')
-    p.add_argument('--epochs', type=int, default=6)
+    p.add_argument('--n', type=int, default=120, help='synthetic images per run (80% train, 20% validation)')
+    p.add_argument('--epochs', type=int, default=4)
     p.add_argument('--difficulty', type=float, default=0.8)
     p.add_argument('--lr', type=float, default=3e-3)
     p.add_argument('--out', default=str(HERE))
@@ -84,10 +84,16 @@ def main(argv=None):
                     weight_rows.append(dict(network=network, weighting=weighting, seed=seed, epoch=epoch + 1,
                                             **{f'w{i + 1}': float(v) for i, v in enumerate(w)}))
                 print(row, flush=True)
-    out = Path(args.out)
-    pd.DataFrame(rows).to_csv(out/'ablation_results.csv', index=False)
-    pd.DataFrame(weight_rows).to_csv(out/'ablation_weights.csv', index=False)
-    print(f"wrote {out/'ablation_results.csv'} and {out/'ablation_weights.csv'}")
+                write(rows, weight_rows, Path(args.out))  # after every run, so an interrupted sweep keeps what it did
+    print(f"wrote {Path(args.out)/'ablation_results.csv'} and {Path(args.out)/'ablation_weights.csv'}")
+
+
+def write(rows, weight_rows, out:Path):
+    "Write both CSVs atomically (a temporary file, then a rename)."
+    for name, data in (('ablation_results.csv', rows), ('ablation_weights.csv', weight_rows)):
+        tmp = out/f'.{name}.tmp'
+        pd.DataFrame(data).to_csv(tmp, index=False)
+        tmp.replace(out/name)
 
 
 if __name__ == '__main__': main()
