@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.ds2net-installed
 export PYTHONHASHSEED := 0
 
-.PHONY: install demo test export clean-nbs readme check-export check-clean check-readme pytest nbtest docs-env docs docs-serve
+.PHONY: install demo bench gpu-wheels test export clean-nbs readme check-export check-clean check-readme pytest nbtest docs-env docs docs-serve
 
 install: $(STAMP)
 
@@ -18,6 +18,18 @@ $(STAMP): settings.ini setup.py
 
 demo: install
 	$(BIN)/ds2net demo
+
+# Issue 9's CPU benchmark: the authors' training step against the library's default one, at full size (JSON).
+BENCH_ARGS ?= --device cpu --encoder pvt_v2_b2 --size 352 --bs 2
+bench: install
+	$(BIN)/ds2net bench $(BENCH_ARGS) --json outputs/bench/cpu.json
+
+# The wheels tools/gpu_check.sh installs on an offline GPU machine (Python 3.12 there): into the gitignored .whl/
+gpu-wheels: install
+	$(BIN)/python -m pip download -q --no-deps -d .whl fastai==2.8.7 fastcore==1.14.5 fasttransform==0.0.2 \
+	  beartype==0.23.1 fastprogress==1.1.6 fastdownload==0.0.8
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl plum-dispatch==2.9.0
 
 test: install docs-env check-export check-clean check-readme pytest nbtest
 

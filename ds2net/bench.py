@@ -118,7 +118,8 @@ class _StepEnd(Callback):
 def _stats(times, bs, warmup):
     t = times[warmup:]
     med = statistics.median(t)
-    return dict(step_s=med, step_s_min=min(t), step_s_max=max(t), images_per_s=bs / med, n_steps=len(t))
+    return dict(step_s=med, step_s_min=min(t), step_s_max=max(t), images_per_s=bs / med, n_steps=len(t),
+                first_step_s=times[0])  # the first step carries the start-up cost (torch.compile's compilation, caches)
 
 @torch.no_grad()
 def _inference(model, x, steps, warmup, autocast_dtype=None):
