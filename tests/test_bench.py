@@ -36,6 +36,7 @@ def test_bench_tiny_run_writes_sane_json(tmp_path, capsys):
         assert r['peak_mem_mb'] >= 0
     assert res['authors']['precision'] == 'fp32' and res['library']['precision'] == res['config']['precision']
     assert math.isclose(res['train_speedup'], res['authors']['step_s'] / res['library']['step_s'])
+    assert math.isclose(res['train_speedup_best'], res['authors']['step_s_min'] / res['library']['step_s_min'])
     assert math.isclose(res['infer_speedup'], res['library']['infer_images_per_s'] / res['authors']['infer_images_per_s'])
     assert 0 <= res['library']['valid_dice'] <= 1
     assert res['dataloader']['workers_0_images_per_s'] > 0

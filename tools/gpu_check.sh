@@ -92,7 +92,8 @@ for r in runs:
     if a: line += f" | {1000*a['step_s']:9.1f} {r['train_speedup']:8.2f} {r['infer_speedup']:8.2f}"
     print(line)
 base = next((r for r in runs if 'authors' in r), None)
-if base and 'dataloader' in base: print('dataloader:', base['dataloader'])
+for r in runs:
+    if 'dataloader' in r: print('dataloader (images/s):', r['dataloader'])
 try:
     import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt
     names = (["authors'"] if base else []) + [r['name'] for r in runs]
