@@ -209,7 +209,7 @@ def test_other_timm_encoders(encoder):
     model = DS2Net(encoder, channels=16).eval()
     with torch.no_grad(): outs = model(torch.randn(1, 3, 96, 80))
     assert [o.shape for o in outs] == [torch.Size([1, 1, 96, 80])] * 6
-    assert model.config == dict(encoder=encoder, channels=16, in_chans=3)
+    assert model.config == dict(encoder=encoder, channels=16, in_chans=3, drop_path_rate=0.1 if encoder.startswith('pvt_v2') else 0.0)
 
 
 def test_unknown_encoder():
