@@ -6,7 +6,7 @@ Trains DS2Net and a fastai `DynamicUnet` with side heads under four deep-supervi
 - `ablation_results.csv`: one row per run (network, weighting, seed, validation Dice, held-out Dice, seconds),
 - `ablation_weights.csv`: the mean weight of each side output per epoch of every run.
 
-Run from the repository root: `.venv/bin/python nbs/tutorials/ablation.py` (about 10 minutes on 2 idle CPU cores);
+Run from the repository root: `.venv/bin/python nbs/tutorials/ablation.py` (tens of minutes on 2 CPU cores);
 `--seeds 0 --epochs 2` for a quick look.
 """
 import argparse, time
@@ -48,9 +48,9 @@ def held_out_dice(model:nn.Module, config:dict, images, masks)->float:
     return float(np.mean(scores))
 
 
-def run(network:str, weighting:str, seed:int, size:int, n:int, epochs:int, difficulty:float, lr:float, test):
+def run(network:str, weighting:str, seed:int, size:int, n:int, epochs:int, difficulty:float, lr:float, test, device='cpu'):
     set_seed(seed, reproducible=True)
-    dls = segmentation_dls('synthetic:polyp', size=size, bs=8, n=n, seed=seed, difficulty=difficulty, device='cpu')
+    dls = segmentation_dls('synthetic:polyp', size=size, bs=8, n=n, seed=seed, difficulty=difficulty, device=device)
     learn = ds2net_learner(dls, model=build_network(network, size), weighting=weighting, lr=lr)
     t0 = time.time()
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
@@ -70,6 +70,7 @@ def main(argv=None):
     p.add_argument('--epochs', type=int, default=4)
     p.add_argument('--difficulty', type=float, default=0.8)
     p.add_argument('--lr', type=float, default=3e-3)
+    p.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
     p.add_argument('--out', default=str(HERE))
     args = p.parse_args(argv)
     images, masks = make_synthetic('polyp', 100, size=args.size, seed=SYNTHETIC_TEST_SEED, difficulty=args.difficulty)
@@ -78,7 +79,7 @@ def main(argv=None):
         for network in NETWORKS:
             for weighting in WEIGHTINGS:
                 row, weights = run(network, weighting, seed, args.size, args.n, args.epochs, args.difficulty, args.lr,
-                                   (images, masks))
+                                   (images, masks), args.device)
                 rows.append(row)
                 for epoch, w in enumerate(weights):
                     weight_rows.append(dict(network=network, weighting=weighting, seed=seed, epoch=epoch + 1,
