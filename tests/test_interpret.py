@@ -187,7 +187,7 @@ def test_figures_have_labelled_panels_and_colour_bars(model, batch):
     fig = show_stage_maps(m, 1)
     titles = [ax.get_title() for ax in fig.axes]
     assert 'detail mask 3 (DEM3, 1/4)' in titles and 'semantic mask 1 (SEM1, 1/16)' in titles
-    assert any(t.startswith('side output s3: u=') for t in titles)
+    assert any(t.startswith('s3: u=') for t in titles)  # side output s3, its uncertainty and loss weight
     assert {ax.get_label() for ax in fig.axes} >= {'<colorbar>'}
     panels = [ax for ax in fig.axes if ax.get_label() != '<colorbar>']
     assert len(panels) == 16 and all(ax.images or ax.collections for ax in panels)  # no empty axes
