@@ -30,7 +30,11 @@ def test_train_writes_checkpoints_log_and_plot(trained):
     log = pd.read_csv(trained / 'log.csv')
     assert list(log.columns[:5]) == ['epoch', 'train_loss', 'valid_loss', 'dice', 'iou'] and len(log) == 2
     ckpt = read_checkpoint(trained / 'last.pth')
-    assert ckpt['epoch'] == 2 and ckpt['completed'] and ckpt['opt'] is not None
+    assert ckpt['epoch'] == 2 and ckpt['completed']
+    # Adam's state for every parameter, after as many steps as the two epochs took (12 training images in batches of 4)
+    state = ckpt['opt']['state']
+    assert len(state) == len(ckpt['model']) - sum(k.endswith(('running_mean', 'running_var', 'num_batches_tracked')) for k in ckpt['model'])
+    assert {int(s['step']) for s in state} == {2 * 3}
     cfg = ckpt['config']
     assert cfg['encoder'] == TINY_ENCODER and cfg['channels'] == 32 and cfg['size'] == 64
     assert cfg['mean'] == pytest.approx([0.485, 0.456, 0.406]) and cfg['std'] == pytest.approx([0.229, 0.224, 0.225])
@@ -41,11 +45,19 @@ def test_evaluate_from_checkpoint_alone(trained, tmp_path):
     main(['synth', '--kind', 'polyp', '--n', '5', '--size', '96', '--seed', '7', '--out', str(tmp_path / 'set')])
     csv_path = tmp_path / 'table.csv'
     assert main(['evaluate', '--model', str(trained / 'best.pth'), '--data', 'synthetic:polyp', str(tmp_path / 'set'),
-                 '--n-synthetic', '6', '--out', str(csv_path)]) == 0
+                 '--n-synthetic', '6', '--out', str(csv_path), '--device', 'cpu']) == 0
     table = pd.read_csv(csv_path, index_col=0)
     assert list(table.columns[:13]) == list(METRIC_NAMES) and len(table) == 2
     assert table['n'].tolist() == [6, 5]
-    assert ((table[list(METRIC_NAMES)] >= 0) & (table[list(METRIC_NAMES)] <= 1.01)).all().all()
+    # each row is the metrics of the checkpoint's own predictions on that set (predictions pinned in test_pinned_behaviour)
+    from ds2net.callbacks import model_from_checkpoint
+    from ds2net.learner import predict_probabilities
+    from ds2net.metrics import evaluate_set, load_test_sets
+    model, cfg = model_from_checkpoint(trained / 'best.pth')
+    for row, data in zip(table.index, ['synthetic:polyp', tmp_path / 'set']):
+        (images, masks), = load_test_sets(data, n_synthetic=6, size=64).values()
+        expected = evaluate_set(predict_probabilities(model, images, cfg), masks)
+        assert table.loc[row, 'meanDic'] == pytest.approx(expected['meanDic'], abs=1e-4) and table.loc[row, 'MAE'] == pytest.approx(expected['MAE'], abs=1e-4)
 
 
 def _md5(p): return hashlib.md5(Path(p).read_bytes()).hexdigest()
@@ -58,7 +70,7 @@ def test_predict_writes_masks_at_original_sizes(trained, tmp_path):
     Image.fromarray(rng.integers(0, 255, (50, 70), dtype=np.uint8)).save(src / 'b b.jpg')
     (src / 'notes.txt').write_text('not an image')
     before = {p.name: _md5(p) for p in src.iterdir()}
-    assert main(['predict', '--model', str(trained / 'best.pth'), '--input', str(src), '--out', str(tmp_path / 'pred'), '--overlay']) == 0
+    assert main(['predict', '--model', str(trained / 'best.pth'), '--input', str(src), '--out', str(tmp_path / 'pred'), '--overlay', '--device', 'cpu']) == 0
     a, b = Image.open(tmp_path / 'pred' / 'a.png'), Image.open(tmp_path / 'pred' / 'b b.png')
     assert a.size == (100, 80) and b.size == (70, 50) and a.mode == 'L'
     assert Image.open(tmp_path / 'pred' / 'a_overlay.png').size == (100, 80)
@@ -78,7 +90,9 @@ def test_resume_refuses_another_encoder(trained, tmp_path, capsys):
 
 def test_resume_needs_a_checkpoint(tmp_path, capsys):
     assert main(['train', *TINY, '--epochs', '1', '--out', str(tmp_path / 'empty'), '--resume']) == 1
-    assert 'no ' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"ds2net train: error: --resume: no {tmp_path / 'empty' / 'last.pth'} to resume from; train without --resume first" in err
+    assert not (tmp_path / 'empty').exists()
 
 
 class SigtermMidEpoch(Callback):

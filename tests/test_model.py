@@ -144,6 +144,88 @@ def test_reference_checkpoint_errors_name_the_key(paper, tmp_path):
         load_reference_checkpoint(DS2Net('pvt_v2_b2'), tmp_path / 'shape.pth')
 
 
+# The authors' checkpoint layout, written out from their key names (DS2Net's section 3 layout: i = 1…3, j = 0…3,
+# n = 1…6) with the ds2net parameter each must land in. It is independent of the mapping code: each rule is checked
+# on its own, so two rules swapped in the library (say DEM conv1 and conv2) fail here by name.
+def _authors_layout()->dict:
+    "{rule: {authors' key: ds2net key}}"
+    bn = ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')
+    rules = {
+        'Translayer1_j.conv.0 → translation.j.0 (1×1 conv)':
+            {f'Translayer1_{j}.conv.0.weight': f'translation.{j}.0.weight' for j in range(4)},
+        'Translayer1_j.conv.1 → translation.j.1 (BatchNorm)':
+            {f'Translayer1_{j}.conv.1.{b}': f'translation.{j}.1.{b}' for j in range(4) for b in bn},
+        'DEMi.conv_pool.0 → detail_path.i-1.fuse.0 (1×1 conv)':
+            {f'DEM{i}.conv_pool.0.{b}': f'detail_path.{i - 1}.fuse.0.{b}' for i in (1, 2, 3) for b in ('weight', 'bias')},
+        'DEMi.conv_pool.2 → detail_path.i-1.fuse.2 (3×3 conv)':
+            {f'DEM{i}.conv_pool.2.{b}': f'detail_path.{i - 1}.fuse.2.{b}' for i in (1, 2, 3) for b in ('weight', 'bias')},
+        'DEMi.conv1 → detail_conv_a (first k×k conv)': {f'DEM{i}.conv1.weight': f'detail_path.{i - 1}.detail_conv_a.weight' for i in (1, 2, 3)},
+        'DEMi.conv2 → detail_conv_b (second k×k conv)': {f'DEM{i}.conv2.weight': f'detail_path.{i - 1}.detail_conv_b.weight' for i in (1, 2, 3)},
+        'SEMi.sa.conv1 → spatial_conv (7×7)': {f'SEM{i}.sa.conv1.weight': f'semantic_path.{i - 1}.spatial_conv.weight' for i in (1, 2, 3)},
+        'SEMi.ca.fc1 → channel_mlp.0': {f'SEM{i}.ca.fc1.weight': f'semantic_path.{i - 1}.channel_mlp.0.weight' for i in (1, 2, 3)},
+        'SEMi.ca.fc2 → channel_mlp.2': {f'SEM{i}.ca.fc2.weight': f'semantic_path.{i - 1}.channel_mlp.2.weight' for i in (1, 2, 3)},
+        'SEMi.conv1 → mask_conv (3×3)':
+            {f'SEM{i}.conv1.{b}': f'semantic_path.{i - 1}.mask_conv.{b}' for i in (1, 2, 3) for b in ('weight', 'bias')},
+        'output_convn → heads.n-1 (d1, d2, d3, s1, s2, s3)':
+            {f'output_conv{n}.{b}': f'heads.{n - 1}.{b}' for n in range(1, 7) for b in ('weight', 'bias')},
+        # the encoder: original PVTv2 names under backbone1., a few of each kind
+        'backbone1 (original PVTv2 names) → encoder': {
+            'backbone1.patch_embed1.proj.weight': 'encoder.patch_embed.proj.weight',
+            'backbone1.patch_embed1.norm.bias': 'encoder.patch_embed.norm.bias',
+            'backbone1.patch_embed3.proj.weight': 'encoder.stages_2.downsample.proj.weight',
+            'backbone1.block1.0.attn.q.weight': 'encoder.stages_0.blocks.0.attn.q.weight',
+            'backbone1.block2.1.attn.sr.weight': 'encoder.stages_1.blocks.1.attn.sr.weight',
+            'backbone1.block4.1.mlp.dwconv.dwconv.weight': 'encoder.stages_3.blocks.1.mlp.dwconv.weight',
+            'backbone1.norm4.weight': 'encoder.stages_3.norm.weight',
+        },
+    }
+    return rules
+
+
+AUTHORS_LAYOUT = _authors_layout()
+
+
+@pytest.fixture(scope='module')
+def small_pvt():
+    torch.manual_seed(1)
+    return DS2Net('pvt_v2_b0', channels=32).eval()
+
+
+def test_authors_layout_covers_every_decoder_parameter(small_pvt):
+    ours = {v for rule in AUTHORS_LAYOUT.values() for v in rule.values()}
+    decoder = {k for k in small_pvt.state_dict() if not k.startswith('encoder.')}
+    assert decoder <= ours, sorted(decoder - ours)  # the layout above names every decoder tensor
+    assert len([k for k in ours if not k.startswith('encoder.')]) == len(decoder) == 69  # 24 translation, 18 DEM, 15 SEM, 12 heads
+
+
+@pytest.mark.parametrize('rule', list(AUTHORS_LAYOUT))
+def test_reference_state_dict_rule_by_rule(small_pvt, rule):
+    "Saving in the authors' layout puts each ds2net tensor under the authors' key of the fixture."
+    ref, ours = reference_state_dict(small_pvt), small_pvt.state_dict()
+    for authors_key, our_key in AUTHORS_LAYOUT[rule].items():
+        assert authors_key in ref, f'{rule}: {authors_key} missing from the authors layout'
+        assert torch.equal(ref[authors_key], ours[our_key]), f'{rule}: {authors_key} does not hold {our_key}'
+
+
+def test_loading_a_state_dict_built_by_hand_in_the_authors_naming(small_pvt, tmp_path):
+    "Every tensor of the hand-built file lands in the parameter the fixture names (distinct values, so a swap shows)."
+    torch.manual_seed(7)
+    ours = small_pvt.state_dict()
+    sd = {}
+    for rule in AUTHORS_LAYOUT.values():
+        for authors_key, our_key in rule.items():
+            t = ours[our_key]
+            sd[authors_key] = (t + torch.randn_like(t.float()).to(t.dtype)) if t.is_floating_point() else t + 3
+    # the rest of the encoder (not named in the fixture) in the original naming, as the authors' file holds it
+    for k, v in reference_state_dict(small_pvt).items():
+        if k.startswith('backbone1.') and k not in sd: sd[k] = v.clone()
+    torch.save(sd, tmp_path / 'authors.pth')
+    loaded = load_reference_checkpoint(DS2Net('pvt_v2_b0', channels=32), tmp_path / 'authors.pth').state_dict()
+    for rule, pairs in AUTHORS_LAYOUT.items():
+        for authors_key, our_key in pairs.items():
+            assert torch.equal(loaded[our_key], sd[authors_key]), f'{rule}: {authors_key} did not land in {our_key}'
+
+
 class NotWeights:
     "An arbitrary Python object: a weights_only load must refuse to unpickle it."
 
@@ -195,9 +277,12 @@ def test_encoder_weights_refuse_partial_files(tmp_path):
         DS2Net('pvt_v2_b1', encoder_weights=tmp_path / 'b0.pth')
 
 
-def test_pretrained_without_network_says_what_to_do():
+def test_pretrained_without_network_says_what_to_do(tmp_path):
     code = "from ds2net.model import DS2Net; DS2Net('resnet18', pretrained=True)"
-    env = dict(os.environ, HF_HUB_OFFLINE='1')
+    # offline, and every cache pointed at an empty folder: a copy cached on a user's machine cannot make this pass
+    cache = tmp_path / 'empty-cache'; cache.mkdir()
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HOME=str(cache / 'hf'), HF_HUB_CACHE=str(cache / 'hf' / 'hub'),
+               HUGGINGFACE_HUB_CACHE=str(cache / 'hf' / 'hub'), TORCH_HOME=str(cache / 'torch'), XDG_CACHE_HOME=str(cache))
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode != 0
     assert "Could not get ImageNet weights for encoder 'resnet18'" in r.stderr

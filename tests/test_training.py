@@ -125,15 +125,30 @@ def test_nonfinite_loss_names_epoch_and_batch(dls, tmp_path):
 
 
 def test_learner_fastai_api(dls, tmp_path):
+    import matplotlib.pyplot as plt
     learn = tiny_learner(dls)
     assert len(ds2net_splitter(learn.model)) == 2
     learn.path = tmp_path
-    lr = learn.lr_find(num_it=8, show_plot=False)
-    assert lr.valley > 0
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    lr = learn.lr_find(start_lr=1e-6, end_lr=1, num_it=8, show_plot=False)
+    lrs = np.array(learn.recorder.lrs)
+    np.testing.assert_allclose(lrs, 1e-6 * (1e6) ** (np.arange(len(lrs)) / 8), rtol=1e-5)  # fastai: start_lr·(end/start)^(i/num_it)
+    assert np.isclose(lrs, lr.valley, rtol=1e-6).any()  # the suggestion is one of the rates tried
+    for k, v in learn.model.state_dict().items(): assert torch.equal(v, before[k]), k  # lr_find leaves the weights as found
     learn.fine_tune(1, 1e-3, freeze_epochs=1)
-    dice = learn.validate()[1]
-    assert 0 <= dice <= 1
+    loss, dice, iou = learn.validate()
+    # the recorded Dice is the mean per-image Dice of the fused probabilities at 0.5, computed here by hand
+    probs, targs = learn.get_preds()
+    p, g = (probs[:, 0] > 0.5).flatten(1).float(), (targs > 0.5).flatten(1).float()
+    inter, total = (p * g).sum(1), p.sum(1) + g.sum(1)
+    by_hand = torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total)).mean().item()
+    assert dice == pytest.approx(by_hand, abs=1e-6)
+    plt.close('all')
     learn.show_results(max_n=2)
+    fig = plt.gcf()
+    shown = [ax for ax in fig.axes if ax.images]
+    assert len(shown) >= 4  # two samples, each with its target and its prediction
+    plt.close('all')
     learn.save('model')
     other = tiny_learner(dls); other.path = tmp_path
     other.load('model')
