@@ -89,13 +89,15 @@ def plot_weight_trajectories(cb:DeepSupervisionCallback, # the callback, e.g. `l
     w, u = np.concatenate(cb.weights), np.concatenate(cb.uncertainties)
     bounds = np.cumsum([len(x) for x in cb.weights])[:-1]
     fig, axs = plt.subplots(1, 2, figsize=figsize)
-    for ax, values, title in ((axs[0], w, 'weight'), (axs[1], u, 'uncertainty')):
+    for ax, values, title in ((axs[0], w, 'weight w'), (axs[1], u, 'uncertainty u')):
         for n in range(values.shape[1]):
             name = names[n] if n < len(names) else f'output {n+1}'
             ax.plot(values[:, n], label=name, lw=1.2, ls='-' if name.startswith('d') else '--')
         for b in bounds: ax.axvline(b, c='gray', lw=0.5, ls=':')
-        ax.set_xlabel('training step'); ax.set_title(f'side-output {title}')
+        ax.set_xlabel('training step (dotted lines: epoch boundaries)'); ax.set_ylabel(title); ax.set_title(f'side-output {title}')
     axs[0].axhline(math.exp(-1), c='gray', lw=0.8, ls='-.')
+    axs[0].text(len(w) - 1, math.exp(-1) + 0.015, 'lowest possible weight, e⁻¹', ha='right', fontsize=8, c='gray')
+    axs[0].set_ylim(0.3, 1.04); axs[1].set_ylim(0, 1.02)
     axs[1].legend(ncol=2, fontsize=8)
     fig.tight_layout()
     return fig
