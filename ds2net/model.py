@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['PAPER_ENCODER', 'TINY_ENCODER', 'SIDE_OUTPUT_NAMES', 'SIDE_OUTPUT_STRIDES', 'WeightsError', 'default_drop_path_rate',
            'create_encoder', 'translation_layer', 'DS2NetOutputs', 'fuse_side_outputs', 'DS2Net', 'count_parameters',
-           'count_flops', 'load_weights_only', 'read_weights', 'check_keys', 'load_exact',
-           'encoder_state_from_checkpoint', 'load_encoder_weights', 'reference_state_dict', 'load_reference_checkpoint']
+           'count_flops', 'load_weights_only', 'read_weights', 'check_keys', 'load_exact', 'load_encoder_weights',
+           'reference_state_dict', 'load_reference_checkpoint', 'encoder_state_from_checkpoint']
 
 # %% ../nbs/02_model.ipynb #c0003
 import re
@@ -222,6 +222,42 @@ def load_exact(module:nn.Module, state_dict:dict, source:str):
     check_keys(module.state_dict(), state_dict, f'{source} and the model')
     module.load_state_dict(state_dict, strict=True)
 
+# %% ../nbs/02_model.ipynb #m0028a
+def load_encoder_weights(model:DS2Net, path:str|Path):
+    "Load an ImageNet classification checkpoint (original PVTv2 or timm naming) into `model.encoder`, exactly."
+    sd = read_weights(path)
+    load_exact(model.encoder, encoder_state_from_checkpoint(sd, model.encoder, model.encoder_name),
+               f"Encoder weights {path} (for '{model.encoder_name}')")
+
+# %% ../nbs/02_model.ipynb #c0034
+def reference_state_dict(model:DS2Net)->dict:
+    "The model's weights in the authors' checkpoint layout, e.g. to share with their code."
+    is_pvt = model.encoder_name.startswith('pvt_v2')
+    out = {}
+    for k, v in model.state_dict().items():
+        if k.startswith('encoder.'):
+            name = k[len('encoder.'):]
+            out['backbone1.' + (_original_pvt_name(name) if is_pvt else _features_to_full(name))] = v
+        else: out[_rename(k, _REFERENCE_RULES, forward=False)] = v
+    return out
+
+def load_reference_checkpoint(model:DS2Net, # the network to fill, built with the checkpoint's encoder and channels
+                              path:str|Path,  # a state dict saved by the authors' training code
+                             )->DS2Net:
+    "Load a checkpoint in the authors' layout (`backbone1.*`, `Translayer1_j`, `DEMi`, `SEMi`, `output_convn`) exactly."
+    sd = read_weights(path)
+    # the original PVTv2 classification head is not part of a segmentation backbone
+    sd = {k: v for k, v in sd.items() if not k.startswith('backbone1.head.')}
+    check_keys(reference_state_dict(model), sd,
+               f"Reference checkpoint {path} and DS2Net(encoder='{model.encoder_name}', channels={model.channels})",
+               "The authors' layout is backbone1.* (original PVTv2 names), Translayer1_j.*, DEMi.*, SEMi.*, output_convn.*; "
+               "build the model with the checkpoint's encoder and channel count.")
+    encoder_sd = {k[len('backbone1.'):]: v for k, v in sd.items() if k.startswith('backbone1.')}
+    state = {'encoder.' + k: v for k, v in encoder_state_from_checkpoint(encoder_sd, model.encoder, model.encoder_name).items()}
+    state |= {_rename(k, _REFERENCE_RULES): v for k, v in sd.items() if not k.startswith('backbone1.')}
+    load_exact(model, state, f"Reference checkpoint {path}")
+    return model
+
 # %% ../nbs/02_model.ipynb #c0030
 def _is_original_pvt(keys): return any(re.match(r'(patch_embed1|block1)\.', k) for k in keys)
 
@@ -254,12 +290,6 @@ def _features_to_full(key, wanted=None):
     m = re.fullmatch(r'(.+)_(\d+)', head)
     return f'{m.group(1)}.{m.group(2)}.{rest}' if m else key
 
-def load_encoder_weights(model:DS2Net, path:str|Path):
-    "Load an ImageNet classification checkpoint (original PVTv2 or timm naming) into `model.encoder`, exactly."
-    sd = read_weights(path)
-    load_exact(model.encoder, encoder_state_from_checkpoint(sd, model.encoder, model.encoder_name),
-               f"Encoder weights {path} (for '{model.encoder_name}')")
-
 # %% ../nbs/02_model.ipynb #c0032
 _REFERENCE_RULES = [  # (authors' pattern, ds2net pattern); {i} counts from 1 in the authors' names, from 0 here
     (r'Translayer1_(\d+)\.conv\.(\d)\.(.+)', r'translation.{0}.{1}.{2}', (0, 0, 0)),
@@ -291,7 +321,7 @@ def _to_format(regex):
     k = iter(range(10))
     return re.sub(r'\((?:\\d\+|\\d|\.\+|weight\|bias)\)', lambda m: '{' + str(next(k)) + '}', regex).replace('\\.', '.')
 
-# %% ../nbs/02_model.ipynb #c0034
+# %% ../nbs/02_model.ipynb #m0032a
 def _original_pvt_name(key:str)->str:
     "timm features-only PVTv2 name → original PVTv2 name (the inverse of timm's `checkpoint_filter_fn`)."
     key = _features_to_full(key)
@@ -300,31 +330,3 @@ def _original_pvt_name(key:str)->str:
     key = re.sub(r'^stages\.(\d+)\.blocks\.(\d+)\.', lambda m: f'block{int(m.group(1)) + 1}.{m.group(2)}.', key)
     key = re.sub(r'^stages\.(\d+)\.norm\.', lambda m: f'norm{int(m.group(1)) + 1}.', key)
     return key.replace('.mlp.dwconv.', '.mlp.dwconv.dwconv.')
-
-def reference_state_dict(model:DS2Net)->dict:
-    "The model's weights in the authors' checkpoint layout (spec section 3), e.g. to share with their code."
-    is_pvt = model.encoder_name.startswith('pvt_v2')
-    out = {}
-    for k, v in model.state_dict().items():
-        if k.startswith('encoder.'):
-            name = k[len('encoder.'):]
-            out['backbone1.' + (_original_pvt_name(name) if is_pvt else _features_to_full(name))] = v
-        else: out[_rename(k, _REFERENCE_RULES, forward=False)] = v
-    return out
-
-def load_reference_checkpoint(model:DS2Net, # the network to fill, built with the checkpoint's encoder and channels
-                              path:str|Path,  # a state dict saved by the authors' training code
-                             )->DS2Net:
-    "Load a checkpoint in the authors' layout (`backbone1.*`, `Translayer1_j`, `DEMi`, `SEMi`, `output_convn`) exactly."
-    sd = read_weights(path)
-    # the original PVTv2 classification head is not part of a segmentation backbone
-    sd = {k: v for k, v in sd.items() if not k.startswith('backbone1.head.')}
-    check_keys(reference_state_dict(model), sd,
-               f"Reference checkpoint {path} and DS2Net(encoder='{model.encoder_name}', channels={model.channels})",
-               "The authors' layout is backbone1.* (original PVTv2 names), Translayer1_j.*, DEMi.*, SEMi.*, output_convn.*; "
-               "build the model with the checkpoint's encoder and channel count.")
-    encoder_sd = {k[len('backbone1.'):]: v for k, v in sd.items() if k.startswith('backbone1.')}
-    state = {'encoder.' + k: v for k, v in encoder_state_from_checkpoint(encoder_sd, model.encoder, model.encoder_name).items()}
-    state |= {_rename(k, _REFERENCE_RULES): v for k, v in sd.items() if not k.startswith('backbone1.')}
-    load_exact(model, state, f"Reference checkpoint {path}")
-    return model
