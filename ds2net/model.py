@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['PAPER_ENCODER', 'TINY_ENCODER', 'SIDE_OUTPUT_NAMES', 'SIDE_OUTPUT_STRIDES', 'WeightsError', 'default_drop_path_rate',
-           'create_encoder', 'translation_layer', 'DS2NetOutputs', 'fuse_side_outputs', 'DS2Net', 'count_parameters',
-           'count_flops', 'load_weights_only', 'read_weights', 'check_keys', 'load_exact', 'load_encoder_weights',
-           'reference_state_dict', 'load_reference_checkpoint', 'encoder_state_from_checkpoint']
+           'create_encoder', 'translation_layer', 'DS2NetOutputs', 'fuse_side_outputs', 'DS2Net', 'draw_architecture',
+           'count_parameters', 'count_flops', 'load_weights_only', 'read_weights', 'check_keys', 'load_exact',
+           'load_encoder_weights', 'reference_state_dict', 'load_reference_checkpoint', 'encoder_state_from_checkpoint']
 
 # %% ../nbs/02_model.ipynb #c0003
 import re
@@ -148,6 +148,67 @@ class DS2Net(nn.Module):
     def predict_proba(self, x:Tensor)->Tensor:
         "Probability map (B, 1, H, W): sigmoid of the fused logits (no gradient)."
         return torch.sigmoid(fuse_side_outputs(self(x)))
+
+# %% ../nbs/02_model.ipynb #m0016b
+def draw_architecture(encoder:str='pvt_v2_b2',                 # shown in the encoder's label
+                      channels:tuple=(64, 128, 320, 512),      # the encoder's four levels (PVTv2-B2's by default)
+                      width:int=32,                            # C, the decoder's width
+                      figsize=(15, 8.6)):
+    "Draw DS2Net: encoder, translation layers, the detail path of DEMs, the semantic path of SEMs, six side outputs, uncertainty weights."
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyBboxPatch
+    fig, ax = plt.subplots(figsize=figsize)
+    ax.set_xlim(-0.3, 16.6); ax.set_ylim(-1.1, 11.2); ax.axis('off')
+    enc_c, det_c, sem_c, out_c, loss_c = '#d9d9d9', '#c6dbef', '#fdd0a2', '#e5e5e5', '#c7e9c0'
+    det_e, sem_e = '#2171b5', '#d94801'
+    def box(x, y, w, h, text, fc, ec='0.3', fs=9.5, weight='normal'):
+        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle='round,pad=0.02,rounding_size=0.12',
+                                    fc=fc, ec=ec, lw=1.2))
+        ax.text(x, y, text, ha='center', va='center', fontsize=fs, fontweight=weight)
+    def arrow(x1, y1, x2, y2, color='0.25', lw=1.4, style='-|>', ls='-'):
+        ax.annotate('', (x2, y2), (x1, y1), arrowprops=dict(arrowstyle=style, color=color, lw=lw, ls=ls, shrinkA=0, shrinkB=0))
+    def line(xs, ys, color='0.25', lw=1.4): ax.plot(xs, ys, color=color, lw=lw, solid_capstyle='butt')
+    xs = (2.7, 4.7, 6.7, 8.7)   # encoder stages 1..4 (strides 4, 8, 16, 32)
+    yb, yd, ys, yhd, yhs = 5.0, 7.7, 2.3, 9.7, 0.3
+    bw, bh = 1.75, 1.35
+    # input and encoder with its translation layers
+    box(0.75, yb, 1.2, 1.0, 'image\nH × W × 3', 'white')
+    arrow(1.35, yb, xs[0] - bw / 2, yb)
+    for i, (x, c) in enumerate(zip(xs, channels)):
+        box(x, yb, bw, bh, f'stage {i+1}\nstride {4 * 2**i}, {c} ch\n1×1 conv + BN\n→ t{i+1} ({width} ch)', enc_c, fs=9)
+        if i < 3: arrow(x + bw / 2, yb, xs[i + 1] - bw / 2, yb)
+    ax.text((xs[0] + xs[3]) / 2, yb - bh / 2 - 0.3, f'encoder ({encoder}, from timm) and translation layers',
+            ha='center', va='top', fontsize=9.5, style='italic')
+    # the two paths: block i sits above/below the encoder stage whose map is its `low` input (t3, t2, t1)
+    for path, y, yh, fc, ec, name, extra in (('detail', yd, yhd, det_c, det_e, 'DEM', ('k=3', 'k=5', 'k=7, no residual')),
+                                             ('semantic', ys, yhs, sem_c, sem_e, 'SEM', ('', '', ''))):
+        up = 1 if y > yb else -1
+        for i in range(3):
+            x = xs[2 - i]
+            label = f'{name}{i+1}\n{extra[i]}\nstride {16 // 2**i}'.replace('\n\n', '\n')
+            box(x, y, bw, 1.1, label, fc, ec, fs=9.5)
+            arrow(x, yb + up * bh / 2, x, y - up * 0.55, color=ec)                      # low: t3, t2, t1
+            head = f"{'ds'[path == 'semantic']}{i+1}"
+            box(x, yh, 1.55, 0.8, f'side output {head}', out_c, ec, fs=9)
+            arrow(x, y + up * 0.55, x, yh - up * 0.4, color=ec)                          # 1×1 conv head
+            if i < 2: arrow(x - bw / 2, y, xs[1 - i] + bw / 2, y, color=ec)               # high: previous block
+        # t4 is the first block's `high` input
+        arrow(xs[3], yb + up * bh / 2, xs[2] + bw / 2, y, color=ec)
+        note = 'gated by detail masks\nmade from the low map\n(edges, texture)' if path == 'detail' else 'gated by semantic masks\nmade from the high map\n(where the object is)'
+        ax.text(xs[0] - bw / 2 - 0.15, y + 0.25, f'{path} path', ha='right', va='bottom', fontsize=11, color=ec, fontweight='bold')
+        ax.text(xs[0] - bw / 2 - 0.15, y + 0.2, note, ha='right', va='top', fontsize=8.5, color=ec)
+        # the side outputs of this path go to the loss
+        ybus = yh + up * 0.75
+        for i in range(3): line([xs[2 - i]] * 2, [yh + up * 0.4, ybus], color=ec, lw=1)
+        line([xs[0], 11.4], [ybus, ybus], color=ec, lw=1); arrow(11.4, ybus, 11.4, 6.55 if up > 0 else 3.45, color=ec, lw=1)
+    box(11.4, 5.0, 2.3, 3.0, 'six side outputs\n' r'$P_{d1}, P_{d2}, P_{d3}$,' '\n' r'$P_{s1}, P_{s2}, P_{s3}$' '\n(1×1 conv logits,\nupsampled to H × W)', out_c, fs=9.5)
+    box(14.75, 7.4, 3.5, 3.4, 'training: uncertainty-adaptive\ndeep supervision\n\n'
+        r'$u_n$ = mean(1 − |σ($P_n$) − ½| / ½)' '\n' r'$w_n = a_n / \max\ a$,  $a$ = softmax($u$)' '\n'
+        r'loss = $\sum_n w_n \cdot L(P_n, G)$' '\n\nthe least certain output\ngets weight 1', loss_c, '#238b45', fs=9.5)
+    box(14.75, 2.6, 3.5, 1.9, 'inference: fused prediction\n' r'σ($P_{d1}$ + … + $P_{s3}$)', 'white', '#238b45', fs=9.5)
+    arrow(12.55, 5.8, 13.0, 6.4, color='#238b45'); arrow(12.55, 4.2, 13.0, 3.2, color='#238b45')
+    ax.set_title('DS2Net: one encoder, two decoder paths, six supervised side outputs', fontsize=13)
+    return fig
 
 # %% ../nbs/02_model.ipynb #c0020
 def count_parameters(model:DS2Net)->dict:
