@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.ds2net-installed
 export PYTHONHASHSEED := 0
 
-.PHONY: install demo bench gpu-wheels test export clean-nbs readme check-export check-clean check-readme pytest nbtest docs-env docs docs-serve
+.PHONY: install demo bench gpu-wheels mutants mutmut test export clean-nbs readme check-export check-clean check-readme pytest nbtest docs-env docs docs-serve
 
 install: $(STAMP)
 
@@ -30,6 +30,17 @@ gpu-wheels: install
 	  beartype==0.23.1 fastprogress==1.1.6 fastdownload==0.0.8
 	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl plum-dispatch==2.9.0
+
+# Mutation testing (CONTRIBUTING.md): not part of `make test`, too slow for CI.
+# `make mutants`: a list of deliberate, plausible breakages (tools/mutants.py), each against the tests that should catch it.
+mutants: install
+	$(BIN)/python tools/mutants.py
+
+# `make mutmut`: mutmut's own mutants of losses, blocks and callbacks, and the score of each (tools/mutmut.sh).
+MUTMUT_MODULES ?= losses blocks callbacks
+mutmut: install
+	test -x $(BIN)/mutmut || $(BIN)/python -m pip install -q mutmut==2.5.1
+	tools/mutmut.sh $(MUTMUT_MODULES)
 
 test: install docs-env check-export check-clean check-readme pytest nbtest
 

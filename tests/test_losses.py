@@ -112,3 +112,82 @@ def test_decodes_gives_target_form():
     assert l.decodes(probs).tolist() == [[[0, 1], [1, 0]]]
     torch.testing.assert_close(l.activation(torch.zeros(1)), torch.tensor([0.5]))
     assert as_float_mask(torch.ones(2, 4, 4, dtype=torch.long), torch.zeros(2, 1, 4, 4)).dtype == torch.float32
+
+
+# --- every message in full, and the less travelled paths (mutmut runs this file against each mutant of losses.py) ---
+
+def test_loss_messages_in_full():
+    with pytest.raises(ValueError, match=r"^mask of shape \(2, 1, 8, 8\) does not match logits of shape \(2, 1, 9, 9\): "
+                                         r"give masks as \(B, H, W\) or \(B, 1, H, W\) at the logits' size$"):
+        as_float_mask(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 9, 9))
+    choices = r"\('uncertainty', 'equal', 'exp', 'nnunet'\)"
+    with pytest.raises(ValueError, match=rf"^weighting must be one of {choices} or a sequence of numbers, got 'linear'$"):
+        DeepSupervisionLoss('linear')
+    with pytest.raises(ValueError, match=rf"^weighting must be one of {choices} or a sequence of numbers, got 'linear'$"):
+        fixed_weights('linear', DS2NET_LEVELS)
+    with pytest.raises(ValueError, match=r"^weights must be non-negative, got \(1\.0, -1\.0\)$"): DeepSupervisionLoss((1, -1))
+    with pytest.raises(ValueError, match=r"^temperature must be positive, got 0$"): DeepSupervisionLoss(temperature=0)
+    with pytest.raises(ValueError, match=r"^temperature must be positive, got -1$"): uncertainty_weights([torch.zeros(1)], temperature=-1)
+    side = [torch.zeros(1, 1, 8, 8)] * 6
+    with pytest.raises(ValueError, match=r"^3 weights given for 6 side outputs$"): DeepSupervisionLoss((1, 1, 1))(side, torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"^levels has 2 entries for 6 side outputs$"):
+        DeepSupervisionLoss('exp', levels=(0, 1))(side, torch.zeros(1, 1, 8, 8))
+    assert DeepSupervisionLoss().extra_repr() == "weighting='uncertainty', temperature=1.0"
+    assert DeepSupervisionLoss((1, 2), temperature=2).extra_repr() == "weighting=(1.0, 2.0), temperature=2"
+    # zero weights and a temperature of exactly 0+ are allowed
+    assert DeepSupervisionLoss((0, 1)).weighting == (0.0, 1.0) and DeepSupervisionLoss(temperature=1e-3).temperature == 1e-3
+
+
+def test_as_float_mask_forms():
+    logits = torch.zeros(2, 1, 4, 4, dtype=torch.float64)
+    m = as_float_mask([[[1, 0, 0, 0]] * 4] * 2, logits)  # nested lists, (B, H, W)
+    assert m.shape == (2, 1, 4, 4) and m.dtype == torch.float64 and m[0, 0, 0].tolist() == [1, 0, 0, 0]
+    assert as_float_mask(torch.ones(2, 4, 4), torch.zeros(2, 1, 4, 4, dtype=torch.long)).dtype == torch.float32
+    from fastai.torch_core import TensorMask
+    assert type(as_float_mask(TensorMask(torch.ones(2, 4, 4)), torch.zeros(2, 1, 4, 4))) is torch.Tensor
+
+
+def test_structure_loss_with_given_weights_and_the_loss_records():
+    from ds2net.losses import boundary_weights
+    torch.manual_seed(5)
+    G = (torch.rand(2, 1, 20, 20) > 0.5).float()
+    P = torch.randn(2, 1, 20, 20)
+    w = boundary_weights(G)
+    assert w.min() >= 1 and w.max() <= 6
+    assert structure_loss(P, G, weights=w).item() == pytest.approx(structure_loss(P, G).item(), abs=1e-7)
+    assert structure_loss(P, G, weights=torch.ones_like(G)).item() != pytest.approx(structure_loss(P, G).item(), abs=1e-4)
+    side = [torch.randn(2, 1, 20, 20) * s for s in (1, 2, 3, 4, 5, 6)]
+    loss_fn = DeepSupervisionLoss('equal')
+    total = loss_fn(side, G)
+    per_output = torch.stack([structure_loss(p, G) for p in side])
+    torch.testing.assert_close(loss_fn.last_losses, per_output)
+    torch.testing.assert_close(total, per_output.sum())
+    _, u = uncertainty_weights(side)
+    torch.testing.assert_close(loss_fn.last_uncertainties, u)  # recorded for fixed weightings too
+    # one tensor is one output with weight 1
+    single = DeepSupervisionLoss()
+    torch.testing.assert_close(single(side[0], G), structure_loss(side[0], G))
+    assert single.last_weights.tolist() == [1.0]
+
+
+def test_another_base_loss_and_the_cached_fixed_weights():
+    import torch.nn.functional as F
+    calls = []
+    def bce(p, g): calls.append(p.shape); return F.binary_cross_entropy_with_logits(p, g)
+    G = (torch.rand(1, 1, 8, 8) > 0.5).float()
+    side = [torch.randn(1, 1, 8, 8) for _ in range(6)]
+    loss_fn = DeepSupervisionLoss('exp', base=bce)
+    total = loss_fn(side, G)
+    assert len(calls) == 6
+    expected = sum(w * F.binary_cross_entropy_with_logits(p, G) for w, p in zip([.25, .5, 1, .25, .5, 1], side))
+    torch.testing.assert_close(total, expected)
+    first = loss_fn._fixed
+    loss_fn(side, G)
+    assert loss_fn._fixed is first  # computed once, kept for the next step
+    loss_fn(side[:3], G)  # another number of outputs: weights for three levels 0, 1, 2
+    assert loss_fn.last_weights.tolist() == [1, .5, .25]
+    loss_fn(side, G)
+    assert loss_fn.last_weights.tolist() == [.25, .5, 1, .25, .5, 1]
+    half = [p.half() for p in side[:2]]
+    w, u = uncertainty_weights(half)
+    assert u.dtype == torch.float32  # the uncertainty is computed in float32 even for half-precision logits

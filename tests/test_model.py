@@ -4,7 +4,7 @@ import pytest, timm, torch
 import torch.nn.functional as F
 from ds2net.blocks import DEM, SEM
 from timm.layers import DropPath
-from ds2net.model import (DS2Net, TINY_ENCODER, WeightsError, count_parameters, count_flops, load_reference_checkpoint,
+from ds2net.model import (DS2Net, TINY_ENCODER, SIDE_OUTPUT_NAMES, WeightsError, count_parameters, count_flops, load_reference_checkpoint,
                           reference_state_dict, _original_pvt_name)
 
 
@@ -41,6 +41,24 @@ def test_forward_with_masks(paper):
     for m in o.detail_masks + o.semantic_masks: assert m.shape[1] == 1 and 0 <= m.min() and m.max() <= 1
     torch.testing.assert_close(o.fused, sum(o.side_outputs))
     with torch.no_grad(): torch.testing.assert_close(paper.predict_proba(x), torch.sigmoid(sum(paper(x))))
+
+
+def test_side_outputs_are_their_heads_on_d1_d2_d3_s1_s2_s3():
+    "Output n is head n applied to the n-th of (d1, d2, d3, s1, s2, s3), upsampled to the input: read off with hooks."
+    torch.manual_seed(3)
+    model = DS2Net(TINY_ENCODER, channels=16).eval()
+    seen = {}
+    for name, blocks in (('d', model.detail_path), ('s', model.semantic_path)):
+        for i, block in enumerate(blocks):
+            block.register_forward_hook(lambda m, inp, out, key=f'{name}{i + 1}': seen.__setitem__(key, out[0] if isinstance(out, tuple) else out))
+    x = torch.randn(2, 3, 96, 64)
+    with torch.no_grad(): outs = model(x)
+    for n, key in enumerate(SIDE_OUTPUT_NAMES):
+        with torch.no_grad():
+            expected = F.interpolate(model.heads[n](seen[key]), size=(96, 64), mode='bilinear', align_corners=False)
+        torch.testing.assert_close(outs[n], expected, msg=f'output {n} is not head {n} on {key}')
+    # the detail and semantic maps sit at strides 16, 8, 4
+    assert [seen[k].shape[-1] for k in SIDE_OUTPUT_NAMES] == [64 // s for s in (16, 8, 4, 16, 8, 4)]
 
 
 def test_bad_input_is_explained(paper):

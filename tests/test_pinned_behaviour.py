@@ -181,6 +181,23 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
     assert ra[1][:-1] == rb[1][:-1]
 
 
+def test_log_never_runs_ahead_of_last_pth_when_a_checkpoint_write_fails(tmp_path, monkeypatch):
+    "The disk fills up while last.pth of epoch 2 is written: the log still ends where last.pth ends (epoch 1)."
+    import ds2net.callbacks
+    real, writes = ds2net.callbacks.save_checkpoint, []
+    def failing(path, *args, **kwargs):
+        if path.name == 'last.pth':
+            writes.append(path)
+            if len(writes) == 2: raise OSError(28, 'No space left on device', str(path))
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(ds2net.callbacks, 'save_checkpoint', failing)
+    out = tmp_path / 'run'
+    with pytest.raises(OSError, match='No space left on device'):
+        train('synthetic:polyp', out, epochs=3, **dict(EASY, n_synthetic=32))
+    assert read_checkpoint(out / 'last.pth')['epoch'] == 1
+    assert [r[0] for r in _log_rows(out)[1:]] == ['0']
+
+
 # --- the non-finite stop ---
 
 class PoisonAt(Callback):

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# `make mutmut`: mutmut (2.5) mutates ds2net/losses.py, ds2net/blocks.py and ds2net/callbacks.py one small change at a
+# time (an operator, a number, a string, a keyword) and runs the tests that exercise each module against every mutant.
+# A mutant the tests let through "survives". Score = killed / all mutants, per module.
+#
+# It works in a scratch copy (.mutmut/<module>/, gitignored), never on ds2net/ itself: nbdev_export could otherwise
+# overwrite a mutated file, or mutmut restore an old one over a fresh export. mutmut's cache lives there too, so a run
+# that is stopped goes on where it stopped; `rm -rf .mutmut` starts afresh.
+#
+#   tools/mutmut.sh                 # all three modules
+#   tools/mutmut.sh losses blocks   # some of them
+#   tools/mutmut.sh --show losses   # the surviving mutants of a module, as diffs
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+py=${PYTHON:-$root/.venv/bin/python}
+mutmut=${MUTMUT:-$root/.venv/bin/mutmut}
+
+# The tests that exercise each module (fast ones; -x stops at the first failure, so a killed mutant costs little)
+tests_for() {
+  case $1 in
+    losses)    echo "tests/test_losses.py" ;;
+    blocks)    echo "tests/test_blocks.py tests/test_model.py -k 'dem or sem or gradients or side_outputs_are'" ;;
+    callbacks) echo "tests/test_callbacks.py tests/test_training.py tests/test_pinned_behaviour.py -k 'not bf16 and not dynamic_unet and not predict and not dice_floor and not evaluate and not demo and not bad_data and not cuda and not fp16'" ;;
+    *) echo "unknown module $1 (losses, blocks, callbacks)" >&2; exit 2 ;;
+  esac
+}
+
+show=0
+if [ "${1:-}" = "--show" ]; then show=1; shift; fi
+modules=${*:-losses blocks callbacks}
+
+for m in $modules; do
+  work=$root/.mutmut/$m
+  if [ $show = 1 ]; then
+    (cd "$work" && "$mutmut" results | sed -n '/Survived/,$p' | grep -oE '[0-9]+' | while read -r id; do "$mutmut" show "$id"; done)
+    continue
+  fi
+  mkdir -p "$work"
+  # the current package and tests; mutmut keeps its cache in $work: killed mutants stay killed, survivors are tested
+  # again against changed tests, and a changed module starts afresh
+  rm -rf "$work/ds2net" "$work/tests"
+  cp -r "$root/ds2net" "$root/tests" "$work/"
+  find "$work" -name __pycache__ -prune -exec rm -rf {} +
+  runner="env PYTHONPATH=$work PYTHONHASHSEED=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} $py -m pytest -x -q -p no:cacheprovider -p no:randomly $(tests_for "$m")"
+  echo "== mutmut on ds2net/$m.py with: $(tests_for "$m")"
+  (cd "$work" && "$py" -c "import ds2net, sys; sys.exit(0 if ds2net.__file__.startswith('$work') else 'the tests would not import the scratch copy')")
+  (cd "$work" && "$mutmut" run --paths-to-mutate "ds2net/$m.py" --tests-dir tests --runner "$runner" --no-progress) || true
+  (cd "$work" && "$mutmut" results) | tee "$work/results.txt"
+  # the score from mutmut's cache: killed (or timed out) / all
+  (cd "$work" && "$py" - "$m" <<'EOF'
+import sqlite3, sys
+con = sqlite3.connect('.mutmut-cache')
+rows = dict(con.execute('select status, count(*) from Mutant group by status').fetchall())
+total = sum(rows.values())
+killed = rows.get('ok_killed', 0) + rows.get('ok_suspicious', 0) + rows.get('bad_timeout', 0)  # suspicious: killed, slowly
+print(f"score ds2net/{sys.argv[1]}.py: {killed}/{total} killed = {100 * killed / max(total, 1):.1f}%  ({rows})")
+EOF
+  ) | tee -a "$root/.mutmut/scores.txt"
+done
