@@ -134,11 +134,10 @@ class GroupSplitter:
 def _show_batch_binary_masks(x:TensorImage, y:TensorMask, samples, ctxs=None, max_n:int=10, nrows=None, ncols=None,
                              figsize=None, label:str='ground truth', **kwargs):
     "fastai's `show_batch` for images with binary masks: each mask as a translucent fill with its outline, and a legend."
-    if len(samples) and max(int(s[1].max()) for s in samples[:max_n]) > 1:   # more than two classes: fastai's drawing
-        return get_show_batch_func(TensorImage)(x, y, samples, ctxs=ctxs, max_n=max_n, nrows=nrows, ncols=ncols,
-                                                figsize=figsize, **kwargs)
     n = min(len(samples), max_n)
     if ctxs is None: ctxs = get_grid(n, nrows=nrows, ncols=ncols, figsize=figsize)
+    if n and max(int(s[1].max()) for s in samples[:n]) > 1:   # more than two classes: fastai's own drawing
+        return get_show_batch_func(object)(x, y, samples, ctxs=ctxs, max_n=max_n, **kwargs)
     for (img, mask), ax in zip(samples[:n], ctxs):
         img.show(ctx=ax)
         overlay_mask(ax, mask.cpu().numpy())
