@@ -112,7 +112,7 @@ def build_parser()->argparse.ArgumentParser:
     b = sub.add_parser('bench', help="time the authors' training step against the library's (JSON)", description=
         "Median step time, images/s, inference throughput and peak memory of (a) the authors' step (fp32, numpy weights "
         "on the host, AdamW, clip by value) and (b) the step `ds2net train` takes by default on the device; "
-        "train_speedup = a/b. The issue's CPU target: --device cpu --encoder pvt_v2_b2 --size 352 --bs 2")
+        "train_speedup = a/b. The CPU configuration of the benchmark chapter: --device cpu --encoder pvt_v2_b2 --size 352 --bs 2")
     b.add_argument('--device', choices=['cpu', 'cuda'], default=None, help='default: cuda when present')
     b.add_argument('--encoder', default=PAPER_ENCODER, help=f'timm encoder (default {PAPER_ENCODER})')
     b.add_argument('--size', type=int, default=352, help='image size (default 352)')
