@@ -2,7 +2,7 @@
 
 `python tools/readme.py` writes it; `python tools/readme.py --check` exits 1 when README.md is stale.
 Markdown cells are copied; code cells become ```python blocks, followed by their text output;
-cells marked `#|hide` are left out, and nbdev's `#|` directives are stripped."""
+cells marked `#|hide` or `#| echo: false` are left out (and so are figures, with their text), and nbdev's `#|` directives are stripped."""
 import json, sys
 from pathlib import Path
 
@@ -14,11 +14,12 @@ def _directives(lines): return [l for l in lines if l.lstrip().startswith('#|')]
 def cell_to_md(cell):
     lines = ''.join(cell['source']).splitlines()
     if cell['cell_type'] == 'markdown': return '\n'.join(lines)
-    if any(d.replace(' ', '') in ('#|hide', '#|export', '#|exporti') for d in _directives(lines)): return None
+    if any(d.replace(' ', '') in ('#|hide', '#|export', '#|exporti', '#|echo:false') for d in _directives(lines)): return None
     code = '\n'.join(l for l in lines if not l.lstrip().startswith('#|')).strip()
     if not code: return None
     parts = [f'```python\n{code}\n```']
     text = ''.join(''.join(o.get('text', '')) if o.get('output_type') == 'stream'
+                   else '' if 'image/png' in o.get('data', {})  # a figure's "<Figure size ...>" text is not output
                    else ''.join(o.get('data', {}).get('text/plain', '')) for o in cell.get('outputs', []))
     if text.strip(): parts.append(f'```\n{text.rstrip()}\n```')
     return '\n\n'.join(parts)
