@@ -191,7 +191,7 @@ def show_segmentation(images,              # (n, H, W, 3) uint8 images, or a lis
             _outline(axs[1, i], gt, GT_COLOR); _outline(axs[2, i], gt, GT_COLOR)
             total = pred.sum() + gt.sum()
             dice = 1.0 if total == 0 else 2 * (pred & gt).sum() / total
-            axs[2, i].set_title(f'Dice {dice:.2f}' + ('' if pred.any() else ' (nothing predicted)'), fontsize=9)
+            axs[2, i].set_title(f'Dice {dice:.2f}' + (' (nothing predicted)' if gt.any() and not pred.any() else ''), fontsize=9)
         for ax in axs[:, i]: ax.set_xticks([]); ax.set_yticks([])
     for ax, label in zip(axs[:, 0], ('image', 'probability\n(truth red)', f'p ≥ {threshold:g} (cyan)\ntruth (red)')):
         ax.set_ylabel(label, fontsize=9)
