@@ -191,3 +191,17 @@ def test_another_base_loss_and_the_cached_fixed_weights():
     half = [p.half() for p in side[:2]]
     w, u = uncertainty_weights(half)
     assert u.dtype == torch.float32  # the uncertainty is computed in float32 even for half-precision logits
+
+
+def test_zero_temperature_and_the_loss_before_its_first_call(monkeypatch):
+    with pytest.raises(ValueError, match=r"^temperature must be positive, got 0$"): uncertainty_weights([torch.zeros(1)], temperature=0)
+    fresh = DeepSupervisionLoss()
+    assert fresh.last_weights is None and fresh.last_uncertainties is None and fresh.last_losses is None
+    # the boundary weights depend on the mask only: computed once per step for all six outputs, not six times
+    import ds2net.losses
+    calls = []
+    real = ds2net.losses.boundary_weights
+    monkeypatch.setattr(ds2net.losses, 'boundary_weights', lambda m: calls.append(1) or real(m))
+    G = (torch.rand(1, 1, 8, 8) > 0.5).float()
+    fresh([torch.randn(1, 1, 8, 8) for _ in range(6)], G)
+    assert len(calls) == 1
