@@ -9,7 +9,8 @@ __all__ = ['FINE_TUNE_LR', 'FROM_SCRATCH_LR', 'GT_COLOR', 'PRED_COLOR', 'IMAGE_S
            'show_segmentation', 'SideOutputNetwork', 'attach_side_heads', 'prepare_images', 'predict_probabilities',
            'output_names', 'check_predict_out', 'overlay_image', 'predict_files', 'distributed_env', 'init_distributed',
            'DistributedSegmentationDL', 'DS2NetDistributedTrainer', 'to_distributed', 'load_training_state',
-           'TrainingInterrupted', 'resolve_device', 'default_precision', 'set_precision', 'check_train_args', 'train']
+           'TrainingInterrupted', 'resolve_device', 'default_precision', 'set_precision', 'check_data_source',
+           'check_train_args', 'train']
 
 # %% ../nbs/05_learner.ipynb #c0002
 import csv, json, math, os, signal, sys, time
@@ -493,6 +494,16 @@ def _check_out(out:Path, resume:bool, overwrite:bool):
                              f"to continue the run in it, --overwrite to replace its files ({', '.join(RUN_FILES)}; "
                              f"nothing else is touched), or choose a new --out")
 
+def check_data_source(data, flag:str='--data')->str|None:
+    "Refuse, naming `flag`, a data argument that is neither a folder nor 'synthetic:<kind>'; returns the kind or None."
+    kind = data.split(':', 1)[1] if isinstance(data, str) and data.startswith('synthetic:') else None
+    if kind is not None:
+        if kind not in SYNTHETIC_KINDS:
+            raise ValueError(f"{flag} {data}: use one of {', '.join('synthetic:' + k for k in SYNTHETIC_KINDS)} or a folder")
+    elif not Path(data).is_dir():
+        raise ValueError(f"{flag} {data}: no such folder; give a data folder (check it with `ds2net validate`) or synthetic:<kind>")
+    return kind
+
 def check_train_args(data, out, encoder=PAPER_ENCODER, size=352, bs=8, epochs=100, lr=None, weighting='uncertainty',
                      multiscale=None, encoder_weights=None, channels=32, precision=None, resume=False, overwrite=False,
                      n_synthetic=400, valid_pct=0.2, clip_value=0.5, difficulty=0.5, threshold=0, num_workers=0,
@@ -537,16 +548,13 @@ def check_train_args(data, out, encoder=PAPER_ENCODER, size=352, bs=8, epochs=10
                          f"(e.g. pvt_v2_b2, resnet34, convnext_tiny, resnet10t for a CPU)")
     if encoder_weights is not None and not resume and not Path(encoder_weights).is_file():
         raise ValueError(f"--encoder-weights {encoder_weights}: no such file; give the path of the encoder's ImageNet weights")
-    kind = data.split(':', 1)[1] if isinstance(data, str) and data.startswith('synthetic:') else None
+    kind = check_data_source(data)
     if kind is not None:
-        need(kind in SYNTHETIC_KINDS, 'data', data, f"use one of {', '.join('synthetic:' + k for k in SYNTHETIC_KINDS)} or a folder")
         need(_whole(n_synthetic) and n_synthetic >= 2, 'n-synthetic', n_synthetic, "generate at least 2 images (one to train on, one to validate)")
         n_train = n_synthetic - min(n_synthetic - 1, max(1, math.ceil(valid_pct * n_synthetic)))
         if n_train < bs:
             raise ValueError(f"--bs {bs}: the synthetic training set holds only {n_train} image(s) (--n-synthetic {n_synthetic}, "
                              f"--valid-pct {valid_pct}) and fastai drops an incomplete batch; lower --bs or raise --n-synthetic")
-    elif not Path(data).is_dir():
-        raise ValueError(f"--data {data}: no such folder; give a data folder (check it with `ds2net validate`) or synthetic:<kind>")
     if rank_distrib() == 0: _check_out(Path(out), resume, overwrite)  # in a distributed run, rank 0 owns the folder
     return dev
 

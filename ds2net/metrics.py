@@ -23,7 +23,7 @@ from py_sod_metrics import (MAE, DICEHandler, Emeasure, FmeasureV2, IOUHandler, 
 
 from .data import make_synthetic, find_test_sets, find_pairs, read_image, read_mask
 from .callbacks import model_from_checkpoint
-from .learner import predict_probabilities, resolve_device
+from .learner import predict_probabilities, resolve_device, check_data_source
 
 # %% ../nbs/06_metrics.ipynb #c0005
 METRIC_NAMES = ('meanDic', 'meanIoU', 'wFm', 'Sm', 'meanEm', 'maxEm', 'MAE',
@@ -289,11 +289,13 @@ def evaluate_checkpoint(checkpoint, # a ds2net checkpoint
                         gt_threshold:int=0,  # mask values above this are foreground (e.g. 127 for JPEG masks)
                         field_specificity:bool=False)->pd.DataFrame:
     "The 13-metric table of a trained model, one row per test set."
+    sources = [data] if isinstance(data, (str, Path)) else list(data)
+    for d in sources: check_data_source(str(d))  # every --data before any work (the first set is not evaluated in vain)
     model, config = model_from_checkpoint(checkpoint)
     model.to(resolve_device(device))
     size = config['size'] if isinstance(config['size'], int) else config['size'][0]
     rows = {}
-    for d in ([data] if isinstance(data, (str, Path)) else data):
+    for d in sources:
         for name, (images, masks) in load_test_sets(d, n_synthetic=n_synthetic, size=size, gt_threshold=gt_threshold).items():
             if name in rows: name = f'{name} ({d})'
             rows[name] = (predict_probabilities(model, images, config, bs=bs), masks)
