@@ -108,3 +108,11 @@ def test_sem_dropout_in_training_drops_or_doubles_the_attention_map():
     assert 16 < kinds.count('dropped') < 48  # about half of 64
     sem.eval()
     torch.testing.assert_close(sem.semantic_mask(up), torch.sigmoid(sem.mask_conv(torch.sigmoid(logits))))
+
+
+def test_defaults_are_the_papers_configuration():
+    "C = 32 channels, DEM k = 3 with the residual, SEM reduction 16 (hidden width 2) and dropout 0.5; ReLUs in place, as the authors'."
+    dem, sem = DEM(), SEM()
+    assert (dem.channels, dem.kernel_size, dem.residual) == (32, 3, True)
+    assert (sem.channels, sem.reduction, sem.channel_mlp[0].out_channels, sem.spatial_dropout.p) == (32, 16, 2, 0.5)
+    assert dem.fuse[1].inplace and sem.channel_mlp[1].inplace  # in place: no extra activation memory, same values
