@@ -98,24 +98,24 @@ def test_multiscale_sizes_and_steps(dls):
 def test_gradient_clipping_by_value_and_norm(dls):
     class Grads(Callback):
         "The gradients of the first step just before (order -1) or just after (order +1) the clipping callback."
-        def __init__(self, offset): self.order, self.grads = GradientClipValue.order + offset, None
+        def __init__(self, offset): self.order, self.seen = GradientClipValue.order + offset, None
         def before_step(self):
-            if self.grads is None: self.grads = [p.grad.clone() for p in self.learn.model.parameters() if p.grad is not None]
+            if self.seen is None: self.seen = [p.grad.clone() for p in self.learn.model.parameters() if p.grad is not None]
     raw, clipped = Grads(-1), Grads(+1)
     learn = tiny_learner(dls, clip_value=1e-4)
     learn.fit(1, cbs=[raw, clipped])
     # by value: each component clamped to ±1e-4 on its own (not the whole gradient scaled down, as by norm)
-    assert max(g.abs().max().item() for g in raw.grads) > 1e-3  # so the clipping had work to do
-    for r, c in zip(raw.grads, clipped.grads): torch.testing.assert_close(c, r.clamp(-1e-4, 1e-4), rtol=0, atol=0)
+    assert max(g.abs().max().item() for g in raw.seen) > 1e-3  # so the clipping had work to do
+    for r, c in zip(raw.seen, clipped.seen): torch.testing.assert_close(c, r.clamp(-1e-4, 1e-4), rtol=0, atol=0)
     raw, clipped = Grads(-1), Grads(+1)
     from fastai.callback.training import GradientClip
     raw.order, clipped.order = GradientClip.order - 1, GradientClip.order + 1
     learn = tiny_learner(dls, clip_value=None, clip_norm=1e-3)
     learn.fit(1, cbs=[raw, clipped])
-    norm = torch.norm(torch.stack([g.norm() for g in raw.grads]))
+    norm = torch.norm(torch.stack([g.norm() for g in raw.seen]))
     assert norm > 1e-3
     # by norm: the whole gradient scaled by 1e-3 / its norm
-    for r, c in zip(raw.grads, clipped.grads): torch.testing.assert_close(c, r * (1e-3 / (norm + 1e-6)), rtol=1e-4, atol=1e-9)
+    for r, c in zip(raw.seen, clipped.seen): torch.testing.assert_close(c, r * (1e-3 / (norm + 1e-6)), rtol=1e-4, atol=1e-9)
 
 
 def test_nonfinite_loss_names_epoch_and_batch(dls, tmp_path):
