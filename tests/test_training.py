@@ -207,13 +207,13 @@ def test_autocast_bf16_runs_the_network_in_bf16_and_the_loss_in_fp32(dls):
     from ds2net.callbacks import Autocast
     class Look(Callback):
         order = Autocast.order + 1
-        def before_batch(self): self.autocast = torch.is_autocast_enabled('cpu')
+        def before_batch(self): self.autocast_in_batch = torch.is_autocast_enabled('cpu')
         def after_pred(self): self.pred_dtypes = {p.dtype for p in self.pred}
         def after_loss(self): self.loss_dtype, self.autocast_in_loss = self.loss.dtype, torch.is_autocast_enabled('cpu')
     learn = tiny_learner(dls, cbs=[Autocast(), Look()])
     learn.fit(1)
     look = learn.look
-    assert look.autocast and not look.autocast_in_loss
+    assert look.autocast_in_batch and not look.autocast_in_loss
     assert look.pred_dtypes == {torch.float32} and look.loss_dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in learn.model.parameters())
     assert not torch.is_autocast_enabled('cpu')  # nothing left switched on after the fit
