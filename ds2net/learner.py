@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['FINE_TUNE_LR', 'FROM_SCRATCH_LR', 'GT_COLOR', 'PRED_COLOR', 'IMAGE_SUFFIXES', 'MASK_FOLDERS', 'IMAGE_FOLDERS',
            'PRECISIONS', 'RUN_FILES', 'MIN_SIZE', 'per_image_scores', 'SegmentationScore', 'real_in_batch', 'Dice',
-           'IoU', 'ds2net_splitter', 'data_config', 'default_lr', 'DS2NetLearner', 'ds2net_learner',
+           'IoU', 'ds2net_splitter', 'data_config', 'default_lr', 'DS2NetLearner', 'ds2net_learner', 'outline',
            'show_segmentation', 'SideOutputNetwork', 'attach_side_heads', 'prepare_images', 'predict_probabilities',
            'output_names', 'check_predict_out', 'overlay_image', 'predict_files', 'distributed_env', 'init_distributed',
            'DistributedSegmentationDL', 'DS2NetDistributedTrainer', 'to_distributed', 'load_training_state',
@@ -164,9 +164,11 @@ def ds2net_learner(dls,                                  # fastai DataLoaders of
     return learn
 
 # %% ../nbs/05_learner.ipynb #c0010h
-GT_COLOR, PRED_COLOR = '#ff2020', '#00e5ff'  # outlines of the ground truth and of the thresholded prediction
+GT_COLOR = '#ff2d2d'     # the ground-truth outline, on every panel (here and in `ds2net.interpret`)
+PRED_COLOR = '#00e5ff'   # the outline of the thresholded prediction
 
-def _outline(ax, mask, color, ls='-', lw=1.3):
+def outline(ax, mask, color:str=GT_COLOR, lw:float=1.2, ls='-'):
+    "Draw the outline of a (H, W) binary mask on `ax` (nothing when the mask is empty)."
     m = np.asarray(mask, dtype=np.float32)
     if m.any() and not m.all(): ax.contour(m, levels=[0.5], colors=[color], linewidths=lw, linestyles=ls)
 
@@ -187,9 +189,9 @@ def show_segmentation(images,              # (n, H, W, 3) uint8 images, or a lis
         axs[0, i].imshow(np.asarray(images[i]))
         bar = axs[1, i].imshow(prob, cmap='viridis', vmin=0, vmax=1)
         axs[2, i].imshow(np.asarray(images[i]))
-        _outline(axs[2, i], pred, PRED_COLOR, ls='--')
+        outline(axs[2, i], pred, PRED_COLOR, ls='--')
         if gt is not None:
-            _outline(axs[1, i], gt, GT_COLOR); _outline(axs[2, i], gt, GT_COLOR)
+            outline(axs[1, i], gt, GT_COLOR); outline(axs[2, i], gt, GT_COLOR)
             total = pred.sum() + gt.sum()
             dice = 1.0 if total == 0 else 2 * (pred & gt).sum() / total
             axs[2, i].set_title(f'Dice {dice:.2f}' + (' (nothing predicted)' if gt.any() and not pred.any() else ''), fontsize=9)
