@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.ds2net-installed
 export PYTHONHASHSEED := 0
 
-.PHONY: install demo bench gpu-wheels mutants mutmut test export clean-nbs readme check-export check-clean check-readme pytest nbtest docs-env docs docs-serve
+.PHONY: install demo bench gpu-wheels mutants mutmut test export clean-nbs readme check-export check-clean check-readme lint-imports pytest nbtest run-nb docs-env docs docs-serve
 
 install: $(STAMP)
 
@@ -42,13 +42,17 @@ mutmut: install
 	test -x $(BIN)/mutmut || $(BIN)/python -m pip install -q mutmut==2.5.1
 	tools/mutmut.sh $(MUTMUT_MODULES)
 
-test: install docs-env check-export check-clean check-readme pytest nbtest
+test: install docs-env check-export check-clean check-readme lint-imports pytest nbtest
 
 export: install
 	$(BIN)/nbdev_export
 
 clean-nbs: install
 	$(BIN)/nbdev_clean
+
+# Execute one notebook in place, stamping each executed cell with its source hash: `make run-nb NB=nbs/06_learner.ipynb`
+run-nb: install
+	$(BIN)/python tools/run_notebook.py $(NB)
 
 readme: install
 	$(BIN)/python tools/readme.py
@@ -68,6 +72,10 @@ check-clean: install
 check-readme: install
 	$(BIN)/python tools/readme.py --check
 
+# 3a. the layers (.importlinter): a lower module never imports a higher one
+lint-imports: install
+	$(BIN)/lint-imports --no-cache
+
 # 3. pytest (exit code 5, no tests collected, fails the target like any non-zero code)
 pytest: install
 	$(BIN)/python -m pytest -q tests
@@ -77,7 +85,7 @@ pytest: install
 nbtest: install
 	$(BIN)/nbdev_test --n_workers 1 --timing
 
-# The docs site (tools/docs.py, nbs/09_docs.ipynb): nbdev's processing in .venv, MkDocs Material + mkdocs-jupyter
+# The docs site (tools/docs.py, nbs/15_docs.ipynb): nbdev's processing in .venv, MkDocs Material + mkdocs-jupyter
 # in their own .venv-docs (jupytext, which mkdocs-jupyter pulls in, must stay out of the lab's .venv).
 DOCS_VENV  := .venv-docs
 DOCS_STAMP := $(DOCS_VENV)/.ds2net-docs-installed

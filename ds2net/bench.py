@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from fastai.callback.core import Callback
 from fastai.torch_core import set_seed
 
+from .errors import ParameterError, check
 from .data import segmentation_dls
 from .model import DS2Net, PAPER_ENCODER, TINY_ENCODER, fuse_side_outputs
-from .learner import ds2net_learner, default_precision, set_precision, resolve_device, PRECISIONS
-from fastai.callback.progress import ProgressCallback
-from .callbacks import PlainProgress
+from .learner import ds2net_learner
+from .inference import resolve_device
+from .train import default_precision, set_precision, PRECISIONS
 
 # %% ../nbs/13_bench.ipynb #b0006
 def authors_structure_loss(pred, mask):
@@ -144,13 +145,11 @@ def library_phase(device, encoder=PAPER_ENCODER, size=352, bs=2, precision=None,
     dls = segmentation_dls('synthetic:polyp', size=size, bs=bs, n=n_train + bs, valid_pct=bs / (n_train + bs), seed=seed, device=device)
     learn = ds2net_learner(dls, encoder=encoder)
     set_precision(learn, precision)
-    learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, (ProgressCallback, PlainProgress))])  # the JSON is the output
-    learn.logger = lambda *a, **k: None
     if channels_last: learn.model = learn.model.to(memory_format=torch.channels_last)
     if compile: learn.model = torch.compile(learn.model)
     clock = StepClock(device)
     learn.add_cbs([_StepStart(clock), _StepEnd(clock)])
-    with PeakMemory(device) as mem:
+    with PeakMemory(device) as mem, learn.no_bar(), learn.no_logging():  # the JSON is the output
         learn.fit_one_cycle(1, learn.lr)
     out = dict(_stats(clock.seconds(), bs, warmup), precision=precision, channels_last=channels_last, compile=compile,
                peak_mem_mb=mem.mb, valid_dice=float(learn.recorder.values[-1][2]))
@@ -217,9 +216,10 @@ def run_bench(device:str|None=None,    # 'cpu' or 'cuda' (None: cuda when presen
              )->dict:
     "Measure the authors' step and the library's default step on the same configuration; a JSON-ready dict."
     dev = resolve_device(device)
-    if precision is not None and precision not in PRECISIONS: raise ValueError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
-    if precision == 'fp16' and dev.type != 'cuda': raise ValueError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
-    if steps < 1 or warmup < 0: raise ValueError("--steps must be at least 1 (20 or more for a median worth reading)")
+    check(precision is None or precision in PRECISIONS, 'precision', "{precision=given}: use one of {names}", given=precision,
+          names=', '.join(PRECISIONS))
+    check(not (precision == 'fp16' and dev.type != 'cuda'), 'precision', "{precision='fp16'} needs a CUDA GPU; use bf16 or fp32 on the CPU")
+    check(steps >= 1 and warmup >= 0, 'steps', "{steps} must be at least 1 (20 or more for a median worth reading)")
     res = dict(config=dict(device=str(dev), encoder=encoder, size=size, bs=bs, steps=steps, warmup=warmup,
                            channels_last=channels_last, compile=compile), machine=_machine(dev))
     t0 = time.time()

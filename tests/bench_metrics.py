@@ -12,7 +12,8 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's ds2net, installed or not
-from ds2net.metrics import evaluate_folders, evaluate_set
+from ds2net.metrics import evaluate_set
+from ds2net.evaluate import evaluate_folders
 
 
 def cases(n=100, size=352, seed=0):

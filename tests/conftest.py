@@ -1,10 +1,11 @@
-"""Shared test set-up. Browser tests: pytest-playwright's fixtures (`page`, `context`, `browser`) driving Debian's
-Chromium, plus helpers to serve a folder on 127.0.0.1 and to catch any request that leaves this machine.
+"""Shared test set-up: the tiny data and trained runs several test files use (built once per session), and for browser
+tests pytest-playwright's fixtures (`page`, `context`, `browser`) driving Debian's Chromium, plus helpers to serve a
+folder on 127.0.0.1 and to catch any request that leaves this machine. Helper functions are in support.py.
 
 A test that needs the browser is marked `@pytest.mark.browser`. Without Chromium it is skipped with the command
 that installs it; with DS2NET_REQUIRE_BROWSER=1 (set by .ci/run) it fails instead, so CI cannot pass by skipping.
 """
-import functools, http.server, os, shutil, socket, threading
+import functools, http.server, os, shutil, socket, subprocess, threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -119,3 +120,51 @@ def console_errors(page):
 def docs_work(tmp_path_factory)->Path:
     "One folder for nbdev's processed notebooks, shared by the nbdev-processing test and the site build (a cache)."
     return tmp_path_factory.mktemp('docs-work')
+
+
+# ------------------------------------------------------------------ tiny data and trained runs, built once
+
+@pytest.fixture(scope='session')
+def dls():
+    "Synthetic colonoscopy DataLoaders on the CPU: 64×64, batches of 4, 16 images to train on and 4 to validate."
+    from fastai.torch_core import set_seed
+    from ds2net.data import segmentation_dls
+    set_seed(0, reproducible=True)
+    return segmentation_dls('synthetic:polyp', size=64, bs=4, n=20, seed=0, device='cpu')
+
+@pytest.fixture(scope='session')
+def paper():
+    "The paper's network (PVTv2-B2, C = 32), untrained, in eval mode: built once (a few seconds)."
+    import torch
+    from ds2net.model import DS2Net
+    torch.manual_seed(0)
+    return DS2Net('pvt_v2_b2', channels=32).eval()
+
+@pytest.fixture(scope='session')
+def synthetic_folder(tmp_path_factory)->Path:
+    "A synthetic data set in the images/masks layout (16 images of 64×64), as a user's folder."
+    from ds2net.cli import main
+    out = tmp_path_factory.mktemp('data') / 'base'
+    assert main(['synth', '--n', '16', '--size', '64', '--seed', '3', '--out', str(out)]) == 0
+    return out
+
+@pytest.fixture(scope='session')
+def logged_run(synthetic_folder, tmp_path_factory):
+    "`ds2net train ... > log.txt 2>&1` with no --lr, 2 epochs, in a separate process whose output is a file: (run, log text)."
+    from support import CLI, train_args
+    root = tmp_path_factory.mktemp('logged')
+    out, log = root / 'RUN', root / 'log.txt'
+    with open(log, 'w') as f:
+        proc = subprocess.run(CLI + train_args(synthetic_folder, out, '--epochs', '2'), stdout=f, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, timeout=600)
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    return out, text
+
+@pytest.fixture(scope='session')
+def trained_run(tmp_path_factory):
+    "A tiny DS2Net trained for 6 epochs on easy synthetic polyps (`EASY`): (run folder, summary). It reaches ~0.8 Dice."
+    from ds2net.train import train
+    from support import EASY
+    out = tmp_path_factory.mktemp('pinned') / 'run'
+    return out, train('synthetic:polyp', out, epochs=6, **EASY)

@@ -1,19 +1,19 @@
-"""The callbacks module's parts one by one, fast: sizes of multi-scale steps, checkpoint files and their errors, atomic
-writes, plain progress lines, the deep-supervision record. (Training with them is in test_training and test_cli.)"""
-import io, math, os
+"""The callbacks one by one: multi-scale steps, plain progress lines, the deep-supervision record, clipping, autocast,
+the non-finite stop; and what the loss, the metrics and fastai's tools see while a learner trains with them."""
+import io, math
 import numpy as np
 import pytest, torch
-from fastai.torch_core import TensorMask, set_seed
-from fastcore.foundation import L
+from fastai.callback.core import Callback
+from fastai.callback.schedule import combined_cos
+from fastai.torch_core import TensorMask
 
 from ds2net.callbacks import (DeepSupervisionCallback, MultiScaleDataLoader, MultiScaleTraining, GradientClipValue,
-                              NonFiniteLossError, CheckpointCallback, PlainProgress, plot_weight_trajectories, scaled_size,
-                              resize_batch, to_plain, atomic_write, remove_stale_temps, save_checkpoint, read_checkpoint,
-                              check_compatible, load_checkpoint_into, model_from_checkpoint, is_terminal, plain_output,
-                              use_plain_progress, CHECKPOINT_FORMAT, TEMP_SUFFIX)
-from ds2net.data import segmentation_dls
+                              NonFiniteLossError, NonFiniteLossCallback, PlainProgress, plot_weight_trajectories,
+                              scaled_size, resize_batch, is_terminal, plain_output, use_plain_progress)
+from ds2net.checkpoint import CheckpointCallback, read_checkpoint
 from ds2net.learner import ds2net_learner
-from ds2net.model import DS2Net, TINY_ENCODER, WeightsError
+from ds2net.model import TINY_ENCODER
+from support import PoisonAt, tiny_learner
 
 
 @pytest.mark.parametrize('size,scale,multiple,expected', [(352, 0.75, 32, 256), (352, 1.25, 32, 448), (352, 0.5, 32, 192),
@@ -54,61 +54,6 @@ def test_multiscale_loader_and_callback_arguments():
     assert GradientClipValue().clip == 0.5
 
 
-def test_to_plain_keeps_only_what_weights_only_can_read():
-    t = torch.ones(2, requires_grad=True)
-    out = to_plain({'t': t, 'a': np.arange(3), 'f': np.float32(1.5), 'l': L([1, 2]), 'tu': (np.int64(3), 's'), 'n': None})
-    assert out['t'].requires_grad is False and torch.equal(out['t'], torch.ones(2))
-    assert torch.equal(out['a'], torch.arange(3)) and out['f'] == 1.5 and type(out['f']) is float
-    assert out['l'] == [1, 2] and type(out['l']) is list and out['tu'] == [3, 's'] and type(out['tu'][0]) is int
-    assert out['n'] is None
-
-
-def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
-    path = tmp_path / 'f.bin'
-    assert atomic_write(path, lambda f: f.write(b'first')) == path and path.read_bytes() == b'first'
-    def broken(f): f.write(b'half'); raise OSError('disk full')
-    with pytest.raises(OSError, match='disk full'): atomic_write(path, broken)
-    assert path.read_bytes() == b'first' and sorted(p.name for p in tmp_path.iterdir()) == ['f.bin']
-    atomic_write(path, lambda f: f.write(b'second'))
-    assert path.read_bytes() == b'second'
-
-
-def test_remove_stale_temps_removes_only_its_own_temp_files(tmp_path):
-    for name in ('best.pth', 'last.pth', 'log.csv', 'mine.txt'): (tmp_path / (name + TEMP_SUFFIX)).write_text('x')
-    (tmp_path / 'last.pth').write_text('keep')
-    gone = remove_stale_temps(tmp_path)
-    assert sorted(p.name for p in gone) == ['best.pth.tmp', 'last.pth.tmp', 'log.csv.tmp']
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['last.pth', 'mine.txt.tmp']
-    assert remove_stale_temps(tmp_path) == []
-
-
-def test_checkpoint_files_and_their_errors(tmp_path):
-    torch.manual_seed(0)
-    model = DS2Net(TINY_ENCODER, channels=8)
-    path = save_checkpoint(tmp_path / 'sub' / 'a.pth', model, dict(size=64), epoch=3, note=np.float64(0.5))
-    ckpt = read_checkpoint(path)
-    assert ckpt['format'] == CHECKPOINT_FORMAT and ckpt['epoch'] == 3 and ckpt['note'] == 0.5
-    assert ckpt['config'] == {**model.config, 'size': 64}
-    loaded, cfg = model_from_checkpoint(path)
-    assert not loaded.training and cfg['size'] == 64
-    for a, b in zip(loaded.state_dict().values(), model.state_dict().values()): assert torch.equal(a, b)
-    other = DS2Net(TINY_ENCODER, channels=8)
-    assert load_checkpoint_into(other, path)['epoch'] == 3
-    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values()))
-    # errors name the file and say what to do
-    with pytest.raises(WeightsError, match=f'{tmp_path / "sub"} is a folder, not a checkpoint file: give the file itself, e.g. {tmp_path / "sub"}/best.pth'):
-        read_checkpoint(tmp_path / 'sub')
-    with pytest.raises(WeightsError, match=f'^ds2net checkpoint not found: {tmp_path / "none.pth"}$'): read_checkpoint(tmp_path / 'none.pth')
-    torch.save({'format': 'other'}, tmp_path / 'o.pth')
-    with pytest.raises(WeightsError, match=r"o\.pth is not a ds2net checkpoint .* use `load_reference_checkpoint`"): read_checkpoint(tmp_path / 'o.pth')
-    torch.save({'format': CHECKPOINT_FORMAT, 'config': {'encoder': 'x'}}, tmp_path / 'd.pth')
-    with pytest.raises(WeightsError, match=r"damaged \(no 'channels' in its config; no 'model' weights\): use another checkpoint"):
-        read_checkpoint(tmp_path / 'd.pth')
-    with pytest.raises(WeightsError, match=r"was trained with another network \(channels: checkpoint 8, model 16\)\. Build the model from the checkpoint"):
-        check_compatible(ckpt, DS2Net(TINY_ENCODER, channels=16), 'run/a.pth')
-    check_compatible(ckpt, other)  # the same network: no error
-
-
 def test_is_terminal_and_plain_output(monkeypatch):
     class Tty(io.StringIO):
         def isatty(self): return True
@@ -119,12 +64,6 @@ def test_is_terminal_and_plain_output(monkeypatch):
     assert is_terminal() and not plain_output()
     monkeypatch.setattr('sys.stdout', io.StringIO())
     assert not is_terminal() and plain_output()
-
-
-@pytest.fixture(scope='module')
-def dls():
-    set_seed(0, reproducible=True)
-    return segmentation_dls('synthetic:polyp', size=64, bs=4, n=12, seed=0, device='cpu')
 
 
 def test_plain_progress_prints_a_header_and_one_line_per_epoch(dls):
@@ -173,3 +112,144 @@ def test_deep_supervision_record_restore_and_plot(dls):
 def test_nonfinite_loss_error_prints_its_message_only():
     e = NonFiniteLossError('The loss became nan at epoch 1')
     assert str(e) == 'The loss became nan at epoch 1' and e.message == str(e) and isinstance(e, RuntimeError)
+    e = NonFiniteLossError("The loss became {loss}: clip them (`{clip_value=0.5}`)", loss=float('nan'))
+    assert str(e) == 'The loss became nan: clip them (`clip_value=0.5`)'  # Python's words; the CLI says --clip 0.5
+
+
+class Spy(Callback):
+    "Records what the loss and the metrics saw."
+    order = 100
+    def __init__(self): self.loss_inputs, self.preds = [], []
+    def after_pred(self):
+        if isinstance(self.learn.pred, tuple): self.loss_inputs.append(len(self.learn.pred))
+    def after_loss(self): self.preds.append(self.learn.pred)
+
+
+def test_loss_sees_side_outputs_and_the_rest_sees_fused(dls):
+    learn = tiny_learner(dls)
+    spy = Spy()
+    learn.fit(1, cbs=spy)
+    assert set(spy.loss_inputs) == {6}
+    assert all(isinstance(p, torch.Tensor) and p.shape[1] == 1 for p in spy.preds)  # fused, one map
+    preds, targs = learn.get_preds()
+    assert preds.shape == (len(dls.valid_ds), 1, 64, 64) and 0 <= preds.min() and preds.max() <= 1
+    # get_preds' probabilities are the sigmoid of the sum of the six logits
+    xb, _ = dls.valid.one_batch()
+    learn.model.eval()
+    with torch.no_grad(): expected = torch.sigmoid(sum(learn.model(xb)))
+    torch.testing.assert_close(preds[:len(xb)], expected.cpu(), atol=1e-5, rtol=1e-4)
+    # predict decodes a (H, W) mask like the targets
+    dec, _, probs = learn.predict(dls.valid_ds[0][0])
+    assert tuple(dec.shape) == (64, 64) and set(dec.unique().tolist()) <= {0, 1} and probs.shape == (1, 64, 64)
+
+
+def test_weights_and_uncertainties_recorded_per_batch_and_epoch(dls):
+    learn = tiny_learner(dls)
+    learn.fit(2)
+    ds = learn.deep_supervision
+    assert len(ds.weights) == 2 and ds.weights[0].shape == (len(dls.train), 6)
+    assert ds.epoch_weights.shape == (2, 6) and ds.epoch_uncertainties.shape == (2, 6)
+    assert np.allclose(ds.weights[0].max(1), 1) and (ds.weights[0] >= math.exp(-1) - 1e-6).all()
+    assert (0 <= ds.uncertainties[0]).all() and (ds.uncertainties[0] <= 1).all()
+    # the recorded weights follow from the recorded uncertainties
+    u = torch.tensor(ds.uncertainties[1][-1]); a = torch.softmax(u, 0)
+    np.testing.assert_allclose(ds.weights[1][-1], (a / a.max()).numpy(), atol=1e-6)
+    fig = plot_weight_trajectories(ds)
+    assert len(fig.axes) == 2 and len(fig.axes[0].lines) >= 6
+
+
+def test_no_recording_before_training():
+    with pytest.raises(ValueError, match='Nothing recorded yet'): plot_weight_trajectories(DeepSupervisionCallback())
+
+
+def test_multiscale_sizes_and_steps(dls):
+    assert [scaled_size(352, s) for s in (0.75, 1, 1.25)] == [256, 352, 448]
+    assert [scaled_size(352, s) for s in (0.5, 1, 1.5)] == [192, 352, 512]
+    sizes = [tuple(b[0].shape[-2:]) for b in MultiScaleDataLoader(dls.train, (0.5, 1, 1.5))]
+    assert sizes[:3] == [(32, 32), (64, 64), (96, 96)] and len(sizes) == 3 * len(dls.train)
+    b = next(iter(MultiScaleDataLoader(dls.train, (1.5,))))
+    assert b[1].shape[-2:] == (96, 96) and b[1].min() >= 0 and b[1].max() <= 1  # soft mask after bilinear resize
+
+    class CountSteps(Callback):
+        def before_fit(self): self.n = 0
+        def after_step(self): self.n += 1
+    learn = tiny_learner(dls, multiscale=(0.5, 1, 1.5))
+    counter = CountSteps()
+    learn.fit_one_cycle(2, 1e-3, cbs=counter)
+    n = 3 * len(dls.train) * 2
+    assert counter.n == n and learn.train_iter == n
+    # the one-cycle schedule spans every scale step
+    lrs = np.array(learn.recorder.lrs)
+    sched = combined_cos(0.25, 1e-3 / 25, 1e-3, 1e-3 / 1e5)
+    expected = np.array([sched(i / n) for i in range(n)])
+    np.testing.assert_allclose(lrs, expected, rtol=1e-5)
+
+
+def test_gradient_clipping_by_value_and_norm(dls):
+    class Grads(Callback):
+        "The gradients of the first step just before (order -1) or just after (order +1) the clipping callback."
+        def __init__(self, offset): self.order, self.seen = GradientClipValue.order + offset, None
+        def before_step(self):
+            if self.seen is None: self.seen = [p.grad.clone() for p in self.learn.model.parameters() if p.grad is not None]
+    raw, clipped = Grads(-1), Grads(+1)
+    learn = tiny_learner(dls, clip_value=1e-4)
+    learn.fit(1, cbs=[raw, clipped])
+    # by value: each component clamped to ±1e-4 on its own (not the whole gradient scaled down, as by norm)
+    assert max(g.abs().max().item() for g in raw.seen) > 1e-3  # so the clipping had work to do
+    for r, c in zip(raw.seen, clipped.seen): torch.testing.assert_close(c, r.clamp(-1e-4, 1e-4), rtol=0, atol=0)
+    raw, clipped = Grads(-1), Grads(+1)
+    from fastai.callback.training import GradientClip
+    raw.order, clipped.order = GradientClip.order - 1, GradientClip.order + 1
+    learn = tiny_learner(dls, clip_value=None, clip_norm=1e-3)
+    learn.fit(1, cbs=[raw, clipped])
+    norm = torch.norm(torch.stack([g.norm() for g in raw.seen]))
+    assert norm > 1e-3
+    # by norm: the whole gradient scaled by 1e-3 / its norm
+    for r, c in zip(raw.seen, clipped.seen): torch.testing.assert_close(c, r * (1e-3 / (norm + 1e-6)), rtol=1e-4, atol=1e-9)
+
+
+def test_nonfinite_loss_names_epoch_and_batch(dls, tmp_path):
+    learn = tiny_learner(dls, cbs=[CheckpointCallback(tmp_path, monitor='valid_loss')])
+    with pytest.raises(NonFiniteLossError, match=r'became nan at epoch 2 of 2, batch 2 of \d+'):
+        learn.fit(2, cbs=PoisonAt(1, 1))
+    ckpt = read_checkpoint(tmp_path / 'last.pth')
+    assert ckpt['epoch'] == 1 and all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
+
+
+def test_autocast_bf16_runs_the_network_in_bf16_and_the_loss_in_fp32(dls):
+    from ds2net.callbacks import Autocast
+    class Look(Callback):
+        order = Autocast.order + 1
+        def before_batch(self): self.autocast_in_batch = torch.is_autocast_enabled('cpu')
+        def after_pred(self): self.pred_dtypes = {p.dtype for p in self.pred}
+        def after_loss(self): self.loss_dtype, self.autocast_in_loss = self.loss.dtype, torch.is_autocast_enabled('cpu')
+    learn = tiny_learner(dls, cbs=[Autocast(), Look()])
+    learn.fit(1)
+    look = learn.look
+    assert look.autocast_in_batch and not look.autocast_in_loss
+    assert look.pred_dtypes == {torch.float32} and look.loss_dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in learn.model.parameters())
+    assert not torch.is_autocast_enabled('cpu')  # nothing left switched on after the fit
+    assert math.isfinite(learn.recorder.values[-1][0])
+
+
+def test_callbacks_keep_run_state_out_of_an_export_and_act_in_training_only(dls):
+    "`_stateattrs`: a pickled (exported) callback carries no history and no open autocast context; `run_valid=False`."
+    import pickle
+    from ds2net.callbacks import Autocast
+    learn = tiny_learner(dls)
+    learn.fit(1)
+    ds = learn.deep_supervision
+    assert len(ds.weights) == 1
+    again = pickle.loads(pickle.dumps(ds))
+    assert again.weights == [] and again.uncertainties == [] and again.losses == [] and again.record
+    ac = Autocast(); ac._ctx = object()
+    assert pickle.loads(pickle.dumps(ac))._ctx is None
+    assert [cb.run_valid for cb in (MultiScaleTraining(), GradientClipValue(), NonFiniteLossCallback())] == [False] * 3
+
+
+def test_resize_batch_keeps_the_mask_type():
+    from fastai.torch_core import TensorMask
+    class MyMask(TensorMask): pass
+    _, y = resize_batch(torch.rand(1, 3, 8, 8), MyMask(torch.zeros(1, 8, 8)), (4, 4))
+    assert type(y) is MyMask

@@ -7,7 +7,7 @@ import pytest, torch
 WORKER = textwrap.dedent('''
     import os, sys, torch
     from fastai.callback.core import Callback
-    from ds2net.learner import train
+    from ds2net.train import train
     from ds2net.model import TINY_ENCODER
     out = sys.argv[1]
     class Keep(Callback):

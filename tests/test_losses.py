@@ -205,3 +205,35 @@ def test_zero_temperature_and_the_loss_before_its_first_call(monkeypatch):
     G = (torch.rand(1, 1, 8, 8) > 0.5).float()
     fresh([torch.randn(1, 1, 8, 8) for _ in range(6)], G)
     assert len(calls) == 1
+
+
+def test_reduction_gives_per_image_losses_as_fastai_asks():
+    "'none': one total per image, each the weighted sum of that image's six structure losses; 'mean' and 'sum' reduce it."
+    torch.manual_seed(7)
+    G = (torch.rand(3, 1, 16, 16) > 0.6).float()
+    side = [torch.randn(3, 1, 16, 16) * s for s in (1, 2, 3, 4, 5, 6)]
+    loss = DeepSupervisionLoss(reduction='none')
+    per_image = loss(side, G)
+    w = loss.last_weights
+    for b in range(3):  # image b alone, with the weights of the whole batch
+        expected = sum(w[n] * spec_structure_loss(side[n][b:b + 1], G[b:b + 1]) for n in range(6))
+        assert per_image[b].item() == pytest.approx(float(expected), rel=1e-5)
+    torch.testing.assert_close(per_image.mean(), DeepSupervisionLoss()(side, G))
+    torch.testing.assert_close(DeepSupervisionLoss(reduction='sum')(side, G), per_image.sum())
+    torch.testing.assert_close(loss.last_losses, torch.stack([structure_loss(p, G) for p in side]))  # per output, batch mean
+    torch.testing.assert_close(structure_loss(side[0], G, reduction='none').mean(), structure_loss(side[0], G))
+    with pytest.raises(ValueError, match=r"^reduction must be one of \('mean', 'sum', 'none'\), got 'max'$"):
+        DeepSupervisionLoss(reduction='max')
+    def bce(p, g, reduction='mean'):
+        return torch.nn.functional.binary_cross_entropy_with_logits(p, g, reduction='none').mean((1, 2, 3)) if reduction == 'none' else \
+            torch.nn.functional.binary_cross_entropy_with_logits(p, g)
+    other = DeepSupervisionLoss('equal', base=bce, reduction='none')(side, G)  # any base that takes reduction
+    assert other.shape == (3,)
+
+
+def test_pixel_uncertainty_is_the_formula_the_weights_use():
+    from ds2net.losses import pixel_uncertainty, side_output_uncertainty
+    p = torch.tensor([0., 0.1, 0.5, 0.75, 1.])
+    torch.testing.assert_close(pixel_uncertainty(p), torch.tensor([0., 0.2, 1., 0.5, 0.]))
+    logits = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(side_output_uncertainty(logits), pixel_uncertainty(torch.sigmoid(logits)).mean())

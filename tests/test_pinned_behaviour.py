@@ -10,24 +10,28 @@ import torch.nn.functional as F
 from PIL import Image
 from fastai.callback.core import Callback
 
-import ds2net.cli
+import ds2net.train
 from ds2net.cli import main
-from ds2net.callbacks import read_checkpoint, model_from_checkpoint, NonFiniteLossError
+from ds2net.callbacks import NonFiniteLossError
+from ds2net.checkpoint import read_checkpoint
 from ds2net.data import make_synthetic, segmentation_dls
-from ds2net.learner import train, ds2net_learner, predict_probabilities, predict_files, TrainingInterrupted
-from ds2net.metrics import SYNTHETIC_TEST_SEED, evaluate_set
+from ds2net.evaluate import SYNTHETIC_TEST_SEED
+from ds2net.inference import model_from_checkpoint, predict_probabilities, predict_files
+from ds2net.learner import ds2net_learner
+from ds2net.metrics import evaluate_set
 from ds2net.model import TINY_ENCODER
+from ds2net.train import train, TrainingInterrupted
+from support import EASY
+from support import PoisonAt
 
-EASY = dict(encoder=TINY_ENCODER, size=64, bs=8, lr=3e-3, n_synthetic=96, difficulty=0.2, device='cpu', precision='fp32')
+
 DICE_FLOOR = 0.6  # the run below reaches about 0.8 on held-out images; an inverted or broken prediction gets well under 0.3
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-    "A tiny DS2Net trained for 6 epochs on easy synthetic polyps (the same recipe as the bf16 check of test_training)."
-    out = tmp_path_factory.mktemp('pinned') / 'run'
-    summary = train('synthetic:polyp', out, epochs=6, **EASY)
-    return out, summary
+def trained(trained_run):
+    "The session's tiny trained run (conftest.py): 6 epochs on easy synthetic polyps."
+    return trained_run
 
 
 @pytest.fixture(scope='module')
@@ -55,8 +59,6 @@ def _dice(pred:np.ndarray, gt:np.ndarray)->float:
     p, g = pred.astype(bool), gt.astype(bool)
     return 1.0 if p.sum() + g.sum() == 0 else 2 * (p & g).sum() / (p.sum() + g.sum())
 
-
-# --- prediction ---
 
 def test_predict_probabilities_are_the_models_forward_pass(trained, held_out):
     out, _ = trained
@@ -118,8 +120,6 @@ def test_evaluate_scores_the_models_own_predictions(trained, held_out, tmp_path)
     for name in ('meanDic', 'meanIoU', 'MAE', 'Sm'):
         assert table[name].iloc[0] == pytest.approx(expected[name], abs=2e-3), name
 
-
-# --- resume ---
 
 class Snapshot(Callback):
     "Copies of the model's and optimizer's state when the fit starts (after any resume has loaded them)."
@@ -183,32 +183,19 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
 
 def test_log_never_runs_ahead_of_last_pth_when_a_checkpoint_write_fails(tmp_path, monkeypatch):
     "The disk fills up while last.pth of epoch 2 is written: the log still ends where last.pth ends (epoch 1)."
-    import ds2net.callbacks
-    real, writes = ds2net.callbacks.save_checkpoint, []
+    import ds2net.checkpoint
+    real, writes = ds2net.checkpoint.save_checkpoint, []
     def failing(path, *args, **kwargs):
         if path.name == 'last.pth':
             writes.append(path)
             if len(writes) == 2: raise OSError(28, 'No space left on device', str(path))
         return real(path, *args, **kwargs)
-    monkeypatch.setattr(ds2net.callbacks, 'save_checkpoint', failing)
+    monkeypatch.setattr(ds2net.checkpoint, 'save_checkpoint', failing)
     out = tmp_path / 'run'
     with pytest.raises(OSError, match='No space left on device'):
         train('synthetic:polyp', out, epochs=3, **dict(EASY, n_synthetic=32))
     assert read_checkpoint(out / 'last.pth')['epoch'] == 1
     assert [r[0] for r in _log_rows(out)[1:]] == ['0']
-
-
-# --- the non-finite stop ---
-
-class PoisonAt(Callback):
-    "Make the loss NaN at one training batch, after copying every parameter as it is before that batch."
-    order = -6
-    def __init__(self, epoch, batch): self.at, self.before = (epoch, batch), None
-    def before_batch(self):
-        if self.training and (self.epoch, self.iter) == self.at:
-            self.before = {n: p.detach().clone() for n, p in self.learn.model.named_parameters()}
-    def after_pred(self):
-        if self.training and (self.epoch, self.iter) == self.at: self.learn.pred = tuple(p * float('nan') for p in self.pred)
 
 
 def test_nonfinite_loss_leaves_every_parameter_as_before_the_bad_batch():
@@ -225,8 +212,6 @@ def test_nonfinite_loss_leaves_every_parameter_as_before_the_bad_batch():
         for k, v in s.items():
             if isinstance(v, torch.Tensor): assert torch.isfinite(v).all(), k
 
-
-# --- the command line's messages for the paths not covered elsewhere ---
 
 TINY = ['--encoder', TINY_ENCODER, '--size', '64', '--bs', '4', '--epochs', '1', '--device', 'cpu']
 
@@ -281,8 +266,8 @@ def test_fp16_on_the_cpu_is_refused_with_the_way_out(tmp_path, capsys):
 
 
 def test_demo_with_a_tiny_configuration(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(ds2net.cli, 'DEMO_CONFIG', dict(ds2net.cli.DEMO_CONFIG, size=64, n_synthetic=32, bs=8))
-    monkeypatch.setattr(ds2net.cli, 'DEMO_TEST_IMAGES', 6)
+    monkeypatch.setattr(ds2net.train, 'DEMO_CONFIG', dict(ds2net.train.DEMO_CONFIG, size=64, n_synthetic=32, bs=8))
+    monkeypatch.setattr(ds2net.train, 'DEMO_TEST_IMAGES', 6)
     out = tmp_path / 'demo'
     assert main(['demo', '--out', str(out), '--epochs', '1']) == 0
     text = capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Build the documentation site from the notebooks, offline and without Quarto (see nbs/09_docs.ipynb).
+"""Build the documentation site from the notebooks, offline and without Quarto (see nbs/15_docs.ipynb).
 
     .venv/bin/python tools/docs.py build [--site _site] [--work .docs-build]   # what `make docs` runs
     .venv/bin/python tools/docs.py process [--work DIR]                        # step 1 alone (the nbdev test)

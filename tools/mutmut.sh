@@ -21,7 +21,7 @@ tests_for() {
   case $1 in
     losses)    echo "tests/test_losses.py" ;;
     blocks)    echo "tests/test_blocks.py tests/test_model.py -k 'blocks or dem or sem or gradients or side_outputs_are'" ;;
-    callbacks) echo "tests/test_callbacks.py tests/test_pinned_behaviour.py tests/test_training.py -k 'callbacks or resume or interrupted or runs_ahead or nonfinite or clipping or multiscale or autocast or checkpoint or weights_and or side_outputs_and'" ;;
+    callbacks) echo "tests/test_callbacks.py tests/test_pinned_behaviour.py -k 'callbacks or resume or interrupted or runs_ahead or nonfinite or clipping or multiscale or autocast or weights_and or side_outputs_and or plain or deep_supervision or resize or scaled'" ;;
     *) echo "unknown module $1 (losses, blocks, callbacks)" >&2; exit 2 ;;
   esac
 }
