@@ -135,6 +135,7 @@ def _inference(model, x, steps, warmup, autocast_dtype=None):
         if not clock.cuda: p = None
     return statistics.median(clock.seconds()[warmup:])
 
+# %% ../nbs/13_bench.ipynb #b0012p
 def library_phase(device, encoder=PAPER_ENCODER, size=352, bs=2, precision=None, steps=20, warmup=3,
                   channels_last=False, compile=False, infer_steps=10, seed=0):
     "Time the step of `ds2net train` (the fastai Learner with its callbacks) and its inference; returns a dict."

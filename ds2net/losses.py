@@ -75,7 +75,7 @@ def uncertainty_weights(side_logits:Sequence[Tensor], # the side outputs' logits
     a = torch.softmax(u / temperature, dim=0)
     return (a / a.max()).detach(), u.detach()
 
-# %% ../nbs/04_losses.ipynb #c0017
+# %% ../nbs/04_losses.ipynb #c0017a
 DS2NET_LEVELS = (2, 1, 0, 2, 1, 0)  # resolution level of d1, d2, d3, s1, s2, s3 (stride 16, 8, 4 → 2, 1, 0)
 WEIGHTINGS = ('uncertainty', 'equal', 'exp', 'nnunet')
 
@@ -88,6 +88,7 @@ def fixed_weights(weighting:str, levels:Sequence[int])->Tensor:
     if weighting == 'nnunet': return w / w.sum()
     raise ValueError(f"weighting must be one of {WEIGHTINGS} or a sequence of numbers, got {weighting!r}")
 
+# %% ../nbs/04_losses.ipynb #c0017
 class DeepSupervisionLoss(nn.Module):
     "Weighted sum of `base` over side outputs; weights from uncertainty (DS2Net), fixed heuristics or given numbers."
     def __init__(self,
