@@ -53,7 +53,7 @@ def color_scheme_markdown()->str:
 # %% ../nbs/00b_viz.ipynb #v013
 def _halo(lw):
     import matplotlib.patheffects as pe
-    return [pe.withStroke(linewidth=lw + 1.4, foreground='black', alpha=0.55)]
+    return [pe.withStroke(linewidth=lw + 0.8, foreground='black', alpha=0.45)]
 
 def outline(ax,                # a matplotlib axis
             mask,              # (H, W) binary mask (values > 0.5 are foreground)
@@ -92,7 +92,7 @@ def overlay_mask(ax,                  # a matplotlib axis that already shows the
                  mask,                # (H, W) binary mask (any array-like; values > 0 are foreground)
                  color=GT_COLOR,      # fill and outline colour
                  alpha:float=FILL_ALPHA, # opacity of the fill (0: outline only)
-                 linewidth:float=0.8, # width of the outline
+                 linewidth:float=1.0, # width of the outline
                  ls=GT_STYLE,         # style of the outline
                 ):
     "Draw a binary mask over an image: a translucent fill (one image layer, clear where the mask is empty) and its outline."
@@ -100,6 +100,13 @@ def overlay_mask(ax,                  # a matplotlib axis that already shows the
     if alpha: ax.imshow(np.dstack([np.broadcast_to(np.array(_rgb(color), dtype=np.float32), m.shape + (3,)), m * np.float32(alpha)]))
     outline(ax, m, color, linewidth, ls)
     return ax
+
+def _legend_kwargs(fig, kwargs)->dict:
+    "Above the panels: inside the figure for a constrained layout (so that `savefig` keeps it), else just above its top."
+    engine = getattr(fig, 'get_layout_engine', lambda: None)()
+    where = ({'loc': 'outside upper center'} if type(engine).__name__ == 'ConstrainedLayoutEngine'
+             else {'loc': 'lower center', 'bbox_to_anchor': (0.5, 1.0)})
+    return {**where, 'frameon': False, 'fontsize': 9, **kwargs}
 
 def mask_legend(fig,                 # the figure to put the legend on
                 label:str='mask',    # what the colour means, e.g. 'ground truth'
@@ -109,20 +116,22 @@ def mask_legend(fig,                 # the figure to put the legend on
                ):
     "A figure legend for masks drawn by `overlay_mask`: one patch with the fill and outline colour."
     from matplotlib.patches import Patch
-    kwargs = {'loc': 'lower center', 'bbox_to_anchor': (0.5, 1.0), 'frameon': False, 'fontsize': 9, **kwargs}
-    return fig.legend(handles=[Patch(facecolor=(*_rgb(color), alpha), edgecolor=color, label=label)], **kwargs)
+    return fig.legend(handles=[Patch(facecolor=(*_rgb(color), alpha), edgecolor=color, label=label)], **_legend_kwargs(fig, kwargs))
 
 def outline_legend(fig,                          # the figure (or an axis) to put the legend on
                    truth:str|None='ground truth', # label of the truth's outline (None: left out)
                    prediction:str|None='prediction', # label of the prediction's outline (None: left out)
+                   errors:bool=False,            # also the three colours of `error_map`
                    **kwargs,                     # passed on to `legend` (e.g. `loc`, `ncols`)
                   ):
-    "A legend for the outlines of `show_truth` (solid) and `show_prediction` (dashed)."
+    "A legend for the outlines of `show_truth` (solid) and `show_prediction` (dashed), and the colours of `error_map`."
     from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
     handles = [Line2D([], [], color=c, ls=ls, lw=1.5, label=l) for c, ls, l in
                ((GT_COLOR, GT_STYLE, truth), (PRED_COLOR, PRED_STYLE, prediction)) if l]
-    kwargs = {'loc': 'lower center', 'bbox_to_anchor': (0.5, 1.0), 'frameon': False, 'fontsize': 9, 'ncols': len(handles), **kwargs}
-    return fig.legend(handles=handles, **kwargs)
+    if errors: handles += [Patch(facecolor=c, edgecolor='0.5', label=l) for c, l in
+                           ((HIT_COLOR, 'hit'), (PRED_COLOR, 'false alarm'), (GT_COLOR, 'miss'))]
+    return fig.legend(handles=handles, **_legend_kwargs(fig, {'ncols': len(handles), **kwargs}))
 
 # %% ../nbs/00b_viz.ipynb #v020
 def show_map(ax,               # a matplotlib axis

@@ -8,13 +8,19 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
+from fastai.data.block import DataBlock
+from fastai.torch_core import TensorMask
+from fastai.vision.augment import Resize
+from fastai.vision.data import ImageBlock, MaskBlock
 from PIL import Image
 from scipy import ndimage
 
 from ds2net.data import (SYNTHETIC_KINDS, make_polyp, make_ultrasound, make_nuclei, make_synthetic, write_synthetic,
                          read_image, read_mask, read_masks_union, find_pairs, find_test_sets, detect_layout,
                          validate_dataset, load_samples, DatasetError, convert_busi, convert_dsb2018,
-                         GroupSplitter, segmentation_dls, write_example_layout, show_samples)
+                         GroupSplitter, segmentation_dls, write_example_layout, show_samples, synthetic_kind,
+                         TensorBinaryMask, IMAGE_EXTS)
+from ds2net.errors import ParameterError
 
 # ---------------------------------------------------------------- helpers
 
@@ -445,7 +451,7 @@ def test_synthetic_dataloaders_batch(tmp_path):
     assert (len(dls.train_ds), len(dls.valid_ds)) == (8, 2)
     xb, yb = dls.one_batch()
     assert type(xb).__name__ == 'TensorImage' and xb.shape == (4, 3, 64, 64) and xb.dtype == torch.float32
-    assert type(yb).__name__ == 'TensorMask' and yb.shape == (4, 64, 64) and yb.dtype == torch.int64
+    assert isinstance(yb, TensorMask) and type(yb) is TensorBinaryMask and yb.shape == (4, 64, 64) and yb.dtype == torch.int64
     assert set(yb.unique().tolist()) == {0, 1}
     assert -2.2 < xb.min() < 0 < xb.max() < 2.7   # ImageNet-normalised
     xv, yv = dls.valid.one_batch()
@@ -594,3 +600,59 @@ def test_data_package_reexports_its_three_modules():
         for n in m.__all__: assert getattr(data, n) is getattr(m, n), n
     assert data.segmentation_dls.__module__ == 'ds2net.data.loaders'
     assert not (Path(data.__file__).parent.parent/'data.py').exists()   # the old single module is gone
+
+
+# ---------------------------------------------------------------- one rule in one place, errors that name parameters
+
+def test_synthetic_sources_are_read_by_one_function():
+    assert [synthetic_kind(s) for s in ('synthetic:polyp', 'synthetic:ultrasound', 'synthetic:nuclei', 'runs/kvasir', None)] == \
+        ['polyp', 'ultrasound', 'nuclei', None, None]
+    with pytest.raises(ParameterError) as e: synthetic_kind('synthetic:polyps')
+    assert e.value.param == 'data' and str(e.value) == ("data='synthetic:polyps': use one of synthetic:polyp, "
+                                                        "synthetic:ultrasound, synthetic:nuclei or a folder")
+    with pytest.raises(ParameterError) as e: segmentation_dls('synthetic:cats')
+    assert e.value.param == 'source' and str(e.value).startswith("source='synthetic:cats': use one of synthetic:polyp")
+
+def test_image_extensions_are_the_files_modules_list():
+    import ds2net.files
+    assert IMAGE_EXTS is ds2net.files.IMAGE_EXTS
+
+def test_bad_arguments_name_their_parameter(tmp_path):
+    "Each refusal is a ParameterError that says which argument was wrong, as Python writes it."
+    cases = [(lambda: make_polyp(0), 'n', 'n=0: the number of images must be a whole number of at least 1'),
+             (lambda: make_polyp(2, size=8), 'size', 'size=8: the image side must be a whole number of pixels, at least 16'),
+             (lambda: make_polyp(2, seed=-1), 'seed', 'seed=-1: the seed must be a whole number, 0 or more'),
+             (lambda: make_polyp(2, difficulty=float('nan')), 'difficulty', 'difficulty=nan: the difficulty must be a number from 0 (easy) to 1 (hard)'),
+             (lambda: make_synthetic('xray', 2), 'kind', "unknown synthetic kind 'xray': choose one of polyp, ultrasound, nuclei"),
+             (lambda: read_mask(tmp_path/'m.png', threshold=255), 'threshold',
+              'threshold=255: use a whole number from 0 to 254 (mask values above it are foreground)'),
+             (lambda: validate_dataset(tmp_path, layout='voc'), 'layout', "layout='voc': choose one of pairs, split, sets, busi, dsb2018 (or None to detect it)"),
+             (lambda: GroupSplitter(valid_pct=0), 'valid_pct', 'valid_pct=0: use a fraction between 0 and 1, e.g. 0.2')]
+    for f, param, message in cases:
+        with pytest.raises(ParameterError) as e: f()
+        assert (e.value.param, str(e.value)) == (param, message)
+
+def test_write_synthetic_refuses_bad_outputs_before_any_work(tmp_path):
+    afile = tmp_path/'afile'; afile.write_text('mine')
+    with pytest.raises(ParameterError) as e: write_synthetic('polyp', afile, n=2, size=32)
+    assert e.value.param == 'out' and str(e.value) == f"out={str(afile)!r} is a file, not a folder: give a folder to write the data set into"
+    with pytest.raises(ParameterError, match='n=0'): write_synthetic('polyp', tmp_path/'new', n=0)
+    assert afile.read_text() == 'mine' and not (tmp_path/'new').exists()
+
+def test_show_batch_is_registered_for_ds2nets_masks_only():
+    "Importing ds2net leaves fastai's drawing of a plain fastai MaskBlock DataLoader as it was."
+    ds2 = segmentation_dls('synthetic:polyp', size=32, bs=4, n=8, seed=0)
+    plain = DataBlock(blocks=(ImageBlock, MaskBlock(codes=['background', 'foreground'])), get_x=lambda s: s.image,
+                      get_y=lambda s: s.masks, item_tfms=Resize(32)).dataloaders(ds2.train_ds.items, bs=4, device='cpu')
+    assert type(plain.one_batch()[1]) is TensorMask and type(ds2.one_batch()[1]) is TensorBinaryMask
+    plt.close('all')
+    plain.show_batch(max_n=4)
+    fig = plt.gcf()   # fastai's: the mask painted with its colour map over the whole image; no outline, no legend
+    assert [(len(ax.images), ax.images[-1].get_cmap().name, len(ax.collections)) for ax in fig.axes] == [(2, 'tab20', 0)] * 4
+    assert not fig.legends
+    plt.close('all')
+    ds2.show_batch(max_n=4)
+    fig = plt.gcf()   # ds2net's: a translucent RGBA fill and an outline, and a legend naming the ground truth
+    assert all(ax.images[-1].get_array().shape == (32, 32, 4) and len(ax.collections) == 1 for ax in fig.axes)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ['ground truth']
+    plt.close('all')

@@ -73,6 +73,9 @@ def test_legends_name_the_outlines_and_the_fill():
     assert [h.get_linestyle() for h in leg.legend_handles] == ['-', '--']
     assert [matplotlib.colors.to_hex(h.get_color()) for h in leg.legend_handles] == [GT_COLOR, PRED_COLOR]
     assert [t.get_text() for t in outline_legend(fig, prediction=None).get_texts()] == ['ground truth']
+    leg = outline_legend(fig, prediction=None, errors=True)
+    assert [t.get_text() for t in leg.get_texts()] == ['ground truth', 'hit', 'false alarm', 'miss']
+    assert [matplotlib.colors.to_hex(h.get_facecolor()) for h in leg.legend_handles[1:]] == [HIT_COLOR, PRED_COLOR, GT_COLOR]
     patch = mask_legend(fig, 'polyp mask').legend_handles[0]
     assert patch.get_label() == 'polyp mask' and patch.get_facecolor()[3] == pytest.approx(FILL_ALPHA)
     plt.close(fig)

@@ -6,9 +6,18 @@
 __all__ = []
 
 # %% ../../nbs/01_data.ipynb #d0004
+import importlib
+
 from .synthetic import *
 from .folders import *
-from .loaders import *
-from . import synthetic, folders, loaders
+from . import synthetic, folders
 
-__all__ = synthetic.__all__ + folders.__all__ + loaders.__all__
+_LOADERS = ('TensorBinaryMask', 'PILBinaryMask', 'BinaryMaskBlock', 'segmentation_dls', 'GroupSplitter')  # loaders.__all__
+
+def __getattr__(name):
+    "The names of `ds2net.data.loaders` (which imports fastai) are imported the first time one is asked for."
+    if name != 'loaders' and name not in _LOADERS: raise AttributeError(f"module 'ds2net.data' has no attribute {name!r}")
+    loaders = importlib.import_module('ds2net.data.loaders')
+    return loaders if name == 'loaders' else getattr(loaders, name)
+
+__all__ = synthetic.__all__ + folders.__all__ + list(_LOADERS)
