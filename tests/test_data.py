@@ -587,13 +587,13 @@ def test_dataloaders_can_be_pickled_empty():
     blob = pickle.dumps(dls.new_empty())
     assert len(blob) < 200_000
 
-# ---------------------------------------------------------------- the package: three modules, one namespace
+# ---------------------------------------------------------------- the package: four modules, one namespace
 
 def test_data_package_reexports_its_three_modules():
-    "`from ds2net.data import X` reaches every public name of data.loaders, data.synthetic and data.folders."
+    "`from ds2net.data import X` reaches every public name of data.loaders, data.synthetic, data.folders and data.validation."
     import importlib
     import ds2net.data as data
-    mods = [importlib.import_module(f'ds2net.data.{m}') for m in ('loaders', 'synthetic', 'folders')]
+    mods = [importlib.import_module(f'ds2net.data.{m}') for m in ('loaders', 'synthetic', 'folders', 'validation')]
     names = [n for m in mods for n in m.__all__]
     assert sorted(data.__all__) == sorted(names) and len(set(names)) == len(names)
     for m in mods:
@@ -656,3 +656,13 @@ def test_show_batch_is_registered_for_ds2nets_masks_only():
     assert all(ax.images[-1].get_array().shape == (32, 32, 4) and len(ax.collections) == 1 for ax in fig.axes)
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ['ground truth']
     plt.close('all')
+
+
+def test_reading_or_checking_a_data_set_imports_no_fastai_or_torch():
+    "`ds2net validate` and the readers start fast: fastai comes with the DataLoaders, torch with the generators."
+    import subprocess, sys
+    code = ('import sys, ds2net.data.validation, ds2net.data as d; d.read_mask; d.validate_dataset\n'
+            'print(sorted({m.split(".")[0] for m in sys.modules} & {"fastai", "torch", "matplotlib"}))\n'
+            'd.segmentation_dls; print("fastai" in sys.modules)')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ['[]', 'True']

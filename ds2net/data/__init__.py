@@ -10,7 +10,8 @@ import importlib
 
 from .synthetic import *
 from .folders import *
-from . import synthetic, folders
+from .validation import *
+from . import synthetic, folders, validation
 
 _LOADERS = ('TensorBinaryMask', 'PILBinaryMask', 'BinaryMaskBlock', 'segmentation_dls', 'GroupSplitter')  # loaders.__all__
 
@@ -20,4 +21,4 @@ def __getattr__(name):
     loaders = importlib.import_module('ds2net.data.loaders')
     return loaders if name == 'loaders' else getattr(loaders, name)
 
-__all__ = synthetic.__all__ + folders.__all__ + list(_LOADERS)
+__all__ = synthetic.__all__ + folders.__all__ + validation.__all__ + list(_LOADERS)

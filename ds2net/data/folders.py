@@ -4,13 +4,11 @@
 
 # %% auto #0
 __all__ = ['LAYOUTS', 'DatasetError', 'Sample', 'sample_image', 'sample_mask', 'write_example_layout', 'detect_layout',
-           'find_pairs', 'find_test_sets', 'read_image', 'read_mask', 'read_masks_union', 'DatasetReport',
-           'validate_dataset', 'load_samples', 'convert_busi', 'convert_dsb2018', 'IMAGE_EXTS']
+           'find_pairs', 'find_test_sets', 'read_image', 'read_mask', 'read_masks_union', 'IMAGE_EXTS']
 
 # %% ../../nbs/01b_data_folders.ipynb #c0004
-import re, shutil, warnings
-from collections import Counter
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ from PIL import Image
 
 from ..errors import ParameterError, check, is_whole
 from ..files import IMAGE_EXTS, is_image_name
-from .synthetic import make_synthetic, make_ultrasound, make_nuclei, _save_png, _prepare_out
+from .synthetic import make_synthetic, make_ultrasound, make_nuclei
 
 # %% ../../nbs/01b_data_folders.ipynb #f0037b
 _all_ = ['IMAGE_EXTS']
@@ -303,188 +301,3 @@ def read_masks_union(paths, threshold:int=0)->np.ndarray:
                                f"masks of one image must have its size: resize or remove the odd one")
         out |= m
     return out
-
-# %% ../../nbs/01b_data_folders.ipynb #c0052
-@dataclass(repr=False)
-class DatasetReport:
-    "What `validate_dataset` found: counts, and every error, warning and ignored file."
-    path: Path
-    layout: str = '?'
-    n_images: int = 0       # image files found
-    n_masks: int = 0        # mask files found
-    n_pairs: int = 0        # images with their mask(s)
-    n_empty_masks: int = 0  # images whose (merged) mask has no foreground: allowed, counted
-    sets: dict = field(default_factory=dict)         # {split: number of samples}
-    sizes: Counter = field(default_factory=Counter)  # {(width, height): number of images}
-    image_modes: Counter = field(default_factory=Counter)  # {PIL mode: number of images}
-    errors: list = field(default_factory=list)
-    warnings: list = field(default_factory=list)
-    ignored: list = field(default_factory=list)      # files that are not images (not used)
-    notes: list = field(default_factory=list)
-    @property
-    def ok(self)->bool: return not self.errors
-
-    def summary(self)->str:
-        "The report as text: counts, sizes, then every ignored file, error and warning."
-        def top(counter, fmt, k=6):
-            items = counter.most_common()
-            s = ', '.join(f'{fmt(key)} ({n})' for key, n in items[:k])
-            return s + (f', ... ({len(items) - k} more)' if len(items) > k else '')
-        lines = [f'Data set {self.path} (layout: {self.layout})',
-                 f'  images: {self.n_images}   masks: {self.n_masks}   pairs: {self.n_pairs}   empty masks: {self.n_empty_masks}']
-        if len(self.sets) > 1 or (self.sets and '' not in self.sets):
-            lines.append('  sets: ' + ', '.join(f'{k or "(root)"} {v}' for k, v in self.sets.items()))
-        if self.sizes: lines.append('  image sizes (WxH): ' + top(self.sizes, lambda s: f'{s[0]}x{s[1]}'))
-        if self.image_modes:
-            notes = {'RGBA': ', alpha dropped', 'LA': ', alpha dropped', 'L': ', grey to RGB', 'P': ', palette to RGB', 'I;16': ', 16-bit to 8'}
-            lines.append('  image modes: ' + ', '.join(f'{m} ({n}{notes.get(m, "")})' for m, n in self.image_modes.most_common()))
-        for title, items in (('notes', self.notes), ('ignored (not image files)', self.ignored),
-                             ('errors', self.errors), ('warnings', self.warnings)):
-            if items: lines += [f'  {title} ({len(items)}):'] + [f'    - {x}' for x in items]
-        lines.append('  OK: ready for training' if self.ok else
-                     f'  FAILED: {len(self.errors)} error{"s" if len(self.errors) > 1 else ""}; fix them before training')
-        return '\n'.join(lines)
-    __str__ = __repr__ = summary
-
-    def raise_errors(self):
-        "Raise a `DatasetError` listing the errors, if there are any."
-        if self.errors: raise DatasetError(self.errors, header=f'{self.path}: {len(self.errors)} error(s) in the data set '
-                                           f'(run `ds2net validate {self.path}` for the full report):')
-
-# %% ../../nbs/01b_data_folders.ipynb #c0054
-def _check_files(samples, threshold, P, report):
-    for s in samples:
-        try: im = _open_image(s.image, 'image')
-        except DatasetError as e: P.error(str(e)); continue
-        report.sizes[im.size] += 1; report.image_modes[im.mode] += 1
-        fg, ok = False, True
-        for mpath in s.masks:
-            try: mk = _open_image(mpath, 'mask')
-            except DatasetError as e: P.error(str(e)); ok = False; continue
-            if mk.size != im.size:
-                P.error(f"{mpath}: mask is {mk.size[0]}x{mk.size[1]} but its image {s.image} is {im.size[0]}x{im.size[1]}; "
-                        f"make them the same size (resize the mask with nearest-neighbour) or remove the pair")
-                ok = False; continue
-            values, scale = _mask_values(mk)
-            above = values > threshold * scale
-            fg = fg or bool(above.any())
-            if threshold == 0:
-                levels = len(np.unique(values))
-                if levels > 2: P.warn(f"{mpath}: mask has {levels} grey levels (lossy JPEG or anti-aliased edges?); with "
-                                      f"threshold 0 every non-zero pixel is foreground: pass threshold=127 to cut at mid-grey")
-            elif not above.any() and values.any():
-                P.warn(f"{mpath}: mask has non-zero pixels but none above threshold {threshold}, so it counts as empty; "
-                       f"lower the threshold if that is wrong")
-        if ok:
-            report.n_pairs += 1
-            report.n_empty_masks += not fg
-
-# %% ../../nbs/01b_data_folders.ipynb #c0054b
-def _scan(path, layout, include_normal, P):
-    "{split: samples} of a data set folder, with the problems of its structure in P."
-    path = Path(path)
-    layout = layout or detect_layout(path)
-    check(layout in LAYOUTS, 'layout', "{layout=given}: choose one of {layouts} (or None to detect it)", given=layout,
-          layouts=', '.join(LAYOUTS))
-    sets = {}
-    if layout == 'pairs': sets[''] = _scan_pairs(path, '', P)
-    elif layout == 'busi':
-        for s in _scan_busi(path, P, include_normal): sets.setdefault(s.split, []).append(s)
-    elif layout == 'dsb2018': sets[''] = _scan_dsb(path, P)
-    elif layout == 'sets':
-        for name, root in _pair_sets(path).items(): sets[name] = _scan_pairs(root, name, P)
-    else:   # split
-        if not _is_pairs(path/'train'): P.error(f"{path/'train'}: expected train/images and train/masks")
-        sets['train'] = _scan_pairs(path/'train', 'train', P)
-        for f in sorted(path.iterdir()):
-            if f.name in ('valid', 'val', 'test') and f.is_dir():
-                found = _pair_sets(f)
-                if not found: P.error(f"{f}: no images/ + masks/ in it or in its sub-folders; fill it or move it out")
-                for name, root in found.items():
-                    key = f.name if root == f else f'{f.name}/{name}'
-                    sets[key] = _scan_pairs(root, key, P)
-            elif f.name != 'train' and not f.name.startswith('.'): P.ignored.append(str(f) + ('/' if f.is_dir() else ''))
-    return layout, sets
-
-def _count_files(path, layout):
-    "Image and mask files present (matched or not), for the report."
-    path = Path(path)
-    if layout == 'busi':
-        files = [p for p in path.rglob('*') if p.is_file() and is_image_name(p) and p.parent != path]
-        nm = sum(bool(_BUSI_MASK.match(p.stem)) for p in files)
-        return len(files) - nm, nm
-    def count(pattern): return sum(1 for p in path.glob(pattern) if p.is_file() and is_image_name(p))
-    if layout == 'dsb2018': return count('*/images/*'), count('*/masks/*')
-    if layout == 'pairs': return count('images/*'), count('masks/*')
-    depth = ['*/', '*/*/'] if layout == 'split' else ['*/']
-    return sum(count(d + 'images/*') for d in depth), sum(count(d + 'masks/*') for d in depth)
-
-# %% ../../nbs/01b_data_folders.ipynb #c0054c
-def _inspect(path, threshold=0, include_normal=True, layout=None):
-    _check_threshold(threshold)
-    report, P = DatasetReport(Path(path)), _Problems()
-    try: report.layout, sets = _scan(path, layout, include_normal, P)
-    except DatasetError as e:
-        report.errors = e.problems; return report, {}
-    report.n_images, report.n_masks = _count_files(path, report.layout)
-    report.sets = {k: len(v) for k, v in sets.items()}
-    _check_files([s for v in sets.values() for s in v], threshold, P, report)
-    report.errors, report.warnings, report.ignored, report.notes = P.errors, P.warnings, P.ignored, P.notes
-    for ss in sets.values():
-        for s in ss: s.threshold = threshold
-    return report, sets
-
-def validate_dataset(path,                    # a data set folder in one of the layouts above
-                     threshold:int=0,         # mask values above this are foreground
-                     include_normal:bool=True,# BUSI: keep the 'normal' class (empty masks)
-                     layout:str|None=None,    # force a layout instead of detecting it
-                    )->DatasetReport:
-    "Check a whole data set before training: counts, sizes, and every problem with its file (see `DatasetReport`)."
-    return _inspect(path, threshold, include_normal, layout)[0]
-
-def load_samples(path, threshold:int=0, include_normal:bool=True, layout:str|None=None)->dict:
-    "{split: [Sample]} of a data set, after the checks of `validate_dataset`; raises a `DatasetError` on any error."
-    report, sets = _inspect(path, threshold, include_normal, layout)
-    report.raise_errors()
-    if report.warnings:
-        warnings.warn(f"{path}: {len(report.warnings)} warning(s), e.g. {report.warnings[0]} "
-                      f"(`ds2net validate {path}` lists them all)", stacklevel=3)
-    return sets
-
-# %% ../../nbs/01b_data_folders.ipynb #c0059
-def _convert(src, out, layout, include_normal=True, overwrite=False):
-    src = Path(src)
-    if not src.is_dir(): raise DatasetError(f"{src}: no such folder; pass the downloaded {layout} folder")
-    found = detect_layout(src)
-    if found != layout:
-        expect = dict(busi="<class>/<name>.png with <name>_mask.png (and <name>_mask_1.png, ...)",
-                      dsb2018="<id>/images/<id>.png with <id>/masks/*.png")[layout]
-        raise DatasetError(f"{src}: this looks like the {found!r} layout, not {layout}; {layout} holds {expect}")
-    out_abs, src_abs = Path(out).resolve(), src.resolve()
-    if out_abs == src_abs or src_abs in out_abs.parents:
-        raise DatasetError(f"{out}: the output lies inside the source {src}, which is never modified; choose a folder outside it")
-    report, sets = _inspect(src, 0, include_normal, layout)
-    report.raise_errors()
-    samples = [s for v in sets.values() for s in v]
-    count = Counter(s.name for s in samples)
-    out = _prepare_out(out, overwrite)
-    for s in samples:
-        name = s.name if count[s.name] == 1 else f'{s.split}_{s.name}'
-        shutil.copyfile(s.image, out/'images'/f'{name}{s.image.suffix}')
-        _save_png(read_masks_union(s.masks) * np.uint8(255), out/'masks'/f'{name}.png')
-    return out
-
-def convert_busi(src,                      # the BUSI folder (holding benign/, malignant/, normal/)
-                 out,                      # output folder: images/ and masks/ are written in it
-                 include_normal:bool=True, # keep the 'normal' class (whose masks are empty)
-                 overwrite:bool=False,     # allow writing into folders that already hold files
-                )->Path:
-    "Write BUSI in the images/masks layout, each image's masks merged by union; returns `out`."
-    return _convert(src, out, 'busi', include_normal, overwrite)
-
-def convert_dsb2018(src,                  # the DSB2018 stage1_train folder (one sub-folder per id)
-                    out,                  # output folder: images/ and masks/ are written in it
-                    overwrite:bool=False, # allow writing into folders that already hold files
-                   )->Path:
-    "Write DSB2018 in the images/masks layout, the per-nucleus masks of each image merged by union; returns `out`."
-    return _convert(src, out, 'dsb2018', overwrite=overwrite)
