@@ -113,7 +113,7 @@ def _convert_args(c):
     c.add_argument('--overwrite', action='store_true', help='write into an output folder that already holds files')
 
 def _validate_args(v):
-    from ds2net.data.folders import validate_dataset as f
+    from ds2net.data.validation import validate_dataset as f
     v.add_argument('path')
     v.add_argument('--threshold', type=int, default=_default(f, 'threshold'), help=f"mask values above this are foreground (default {_default(f, 'threshold')})")
 
@@ -213,13 +213,13 @@ def _synth(args):
     print(f'{args.n} synthetic {args.kind} images and masks written to {dest}')
 
 def _convert(args):
-    from ds2net.data.folders import convert_busi, convert_dsb2018
+    from ds2net.data.validation import convert_busi, convert_dsb2018
     if args.source == 'busi': dest = convert_busi(args.src, args.out, include_normal=args.include_normal, overwrite=args.overwrite)
     else: dest = convert_dsb2018(args.src, args.out, overwrite=args.overwrite)
     print(f'written to {dest}')
 
 def _validate(args):
-    from ds2net.data.folders import validate_dataset
+    from ds2net.data.validation import validate_dataset
     report = validate_dataset(args.path, threshold=args.threshold)
     print(report)
     return 0 if report.ok else 1
