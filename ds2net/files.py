@@ -4,14 +4,15 @@
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'TEMP_SUFFIX', 'MASK_FOLDERS', 'IMAGE_FOLDERS', 'is_image_name', 'image_files', 'names_text',
-           'atomic_write', 'atomic_write_text', 'remove_stale_temps', 'check_out_folder', 'dataset_images_beside',
-           'make_out_folder', 'remove_if_empty']
+           'atomic_write', 'atomic_write_text', 'remove_stale_temps', 'real_path', 'check_outside_inputs',
+           'check_out_folder', 'check_out_file', 'dataset_images_beside', 'make_out_folder', 'remove_if_empty']
 
 # %% ../nbs/00a_files.ipynb #f0003
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
-from .errors import ParameterError
+from .errors import ParameterError, ParameterExistsError
 
 # %% ../nbs/00a_files.ipynb #f0006
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')  # the image files ds2net reads, in any case
@@ -44,10 +45,12 @@ def _fsync_folder(folder:Path):
 def atomic_write(path:str|Path, # the file to (re)place
                  write,         # `write(f)` writes the content to the binary file object `f`
                 )->Path:
-    "Write `path` through `path.tmp`: flush and fsync it, `os.replace` it over `path`, fsync the folder."
+    "Write `path` through a new `path.tmp`: flush and fsync it, `os.replace` it over `path` (a link there is replaced, not followed), fsync the folder."
     path = Path(path); tmp = path.with_name(path.name + TEMP_SUFFIX)
     try:
-        with open(tmp, 'wb') as f:
+        tmp.unlink(missing_ok=True)  # a stale temporary, or a link planted in its place, is removed: never written through
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_NOFOLLOW', 0), 0o666)
+        with open(fd, 'wb') as f:
             write(f); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:  # an error or an interruption: the old `path` is untouched, no temp file stays
@@ -68,24 +71,107 @@ def remove_stale_temps(folder:str|Path, names=('best.pth', 'last.pth', 'log.csv'
     return gone
 
 # %% ../nbs/00a_files.ipynb #f0012
-def check_out_folder(out:str|Path,          # the folder to write into (it may not exist yet)
-                     param:str='out',       # the parameter that gave it, named in the messages
-                     purpose:str='for the output', # what the folder is for, e.g. 'for the run (it is created if missing)'
-                    )->Path:
-    "Refuse an output folder that is a file, that cannot be made, or whose nearest existing folder cannot be written in."
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ParameterError(param, "{%s=given} is a file, not a folder: give a folder %s" % (param, purpose), given=out)
-    parent = out
+def real_path(path:str|Path)->Path:
+    "`path` made absolute with `~`, `..` and every symbolic link resolved (it need not exist)."
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+def _check_can_make(folder:Path, param:str, given):
+    "Refuse a folder whose nearest existing ancestor is a file or cannot be written in."
+    parent = folder
     while not parent.exists() and parent != parent.parent: parent = parent.parent
     if not parent.is_dir():
         raise ParameterError(param, "{%s=given}: {parent} is a file, so no folder can be made inside it; choose another {%s}"
-                             % (param, param), given=out, parent=parent)
+                             % (param, param), given=given, parent=parent)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ParameterError(param, "{%s=given}: cannot write in {parent} (permission denied); choose a folder you can "
-                             "write in" % param, given=out, parent=parent)
-    return out
+                             "write in" % param, given=given, parent=parent)
 
+def _inputs(inputs)->list:
+    "`(param, given, resolved)` for each existing path of `inputs` ({param: path or list of paths}; others skipped)."
+    pairs = inputs.items() if isinstance(inputs, Mapping) else (inputs or ())
+    found = []
+    for param, paths in pairs:
+        for p in (paths if isinstance(paths, (list, tuple)) else [paths]):
+            if p is not None and Path(p).expanduser().exists(): found.append((param, p, real_path(p)))
+    return found
+
+def check_outside_inputs(out:str|Path,       # an output file or folder
+                         param:str='out',    # the parameter that gave it
+                         inputs=None,        # {parameter: path or list of paths} the command reads
+                         folder:bool=False,  # `out` is a folder: it must not contain an input either
+                        )->Path:
+    "Refuse an output that is an input, lies inside an input folder, or (a folder) contains an input; returns it resolved."
+    real = real_path(out)
+    for p, inp, r in _inputs(inputs):
+        if real == r: why = "is {%s=inp} itself, an input of this command: ds2net never writes over its inputs" % p
+        elif r.is_dir() and real.is_relative_to(r):
+            why = "is inside {%s=inp}, an input of this command: ds2net never writes into its inputs" % p
+        elif folder and r.is_relative_to(real):
+            why = "contains {%s=inp}, an input of this command: ds2net keeps its outputs and inputs apart" % p
+        else: continue
+        raise ParameterError(param, "{%s=given} %s; choose another {%s}" % (param, why, param), given=out, inp=inp)
+    return real
+
+# %% ../nbs/00a_files.ipynb #f0012b
+def check_out_folder(out:str|Path,          # the folder to write into (it may not exist yet)
+                     param:str='out',       # the parameter that gave it, named in the messages
+                     purpose:str='for the output', # what the folder is for, e.g. 'for the run (it is created if missing)'
+                     names=(),              # the files the command will write in it
+                     overwrite:bool=False,  # replace existing files of those names (never a link)
+                     inputs=None,           # {parameter: path or list of paths} the command reads: kept apart from `out`
+                    )->Path:
+    "THE guard of an output folder: resolved, not a file, can be made and written, apart from the inputs; `names` neither links nor (unless `overwrite`) existing. Returns it resolved."
+    real = real_path(out)
+    if real.exists() and not real.is_dir():
+        raise ParameterError(param, "{%s=given} is a file, not a folder: give a folder %s" % (param, purpose), given=out)
+    _check_can_make(real, param, out)
+    check_outside_inputs(out, param, inputs, folder=True)
+    paths = [real/n for n in names]
+    links = [p for p in paths if p.is_symlink()]
+    if links:
+        raise ParameterError(param, "{%s=given} holds symbolic links of the names to write ({names}): ds2net never writes "
+                             "through a link, not even with {overwrite=True}; remove them or choose another {%s}"
+                             % (param, param), given=out, names=names_text(links))
+    folders = [p for p in paths if p.is_dir()]
+    if folders:
+        raise ParameterError(param, "{%s=given} holds folders of the names to write ({names}); choose another {%s}"
+                             % (param, param), given=out, names=names_text(folders))
+    existing = [p for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise ParameterExistsError(param, "{%s=given} already holds {names}: ds2net never replaces a file unless asked; "
+                                   "pass {overwrite=True} to replace them, or choose another {%s}" % (param, param),
+                                   given=out, names=names_text(existing))
+    return real
+
+# %% ../nbs/00a_files.ipynb #f0012c
+def check_out_file(out:str|Path,         # the file to write (its folder is created if missing)
+                   param:str='out',      # the parameter that gave it, named in the messages
+                   overwrite:bool=False, # replace an existing file (never a link)
+                   suffixes=None,        # the suffixes the file may have, e.g. ('.csv',); None: any
+                   what:str='the file',  # what is written, for the messages, e.g. 'the metrics table'
+                   inputs=None,          # {parameter: path or list of paths} the command reads: never written over or into
+                   example:str='name',   # a file name for the advice when `out` is a folder, e.g. 'metrics.csv'
+                  )->Path:
+    "THE guard of an output file: not a link, not a folder, the right suffix, a folder that can be made and written, not an input, not existing unless `overwrite`. Returns it resolved."
+    if Path(out).expanduser().is_symlink():
+        raise ParameterError(param, "{%s=given} is a symbolic link (to {target}): ds2net never writes through a link, not "
+                             "even with {overwrite=True}; remove it or choose another {%s}" % (param, param), given=out,
+                             target=os.readlink(Path(out).expanduser()))
+    real = real_path(out)
+    if real.is_dir():
+        raise ParameterError(param, "{%s=given} is a folder: give the name of a file for %s, e.g. {example}" % (param, what),
+                             given=out, example=Path(out)/example)
+    if suffixes and real.suffix.lower() not in suffixes:
+        raise ParameterError(param, "{%s=given}: %s is written as %s; give a file name ending in %s" %
+                             (param, what, ' or '.join(suffixes), suffixes[0]), given=out)
+    _check_can_make(real.parent, param, out)
+    check_outside_inputs(out, param, inputs)
+    if real.exists() and not overwrite:
+        raise ParameterExistsError(param, "{%s=given} already exists: ds2net never replaces a file unless asked; pass "
+                                   "{overwrite=True} to replace it, or choose another {%s}" % (param, param), given=out)
+    return real
+
+# %% ../nbs/00a_files.ipynb #f0012d
 MASK_FOLDERS = ('masks', 'mask', 'labels', 'annotations', 'gt', 'groundtruth', 'ground_truth')  # names of a ground-truth folder
 IMAGE_FOLDERS = ('images', 'image', 'imgs')
 
