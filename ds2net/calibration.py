@@ -23,7 +23,7 @@ from torchmetrics import Metric
 from .errors import check, is_number, is_whole
 from .viz import SERIES_COLORS
 from .model import SIDE_OUTPUT_NAMES
-from .learner import prepare_images
+from .inference import prepare_images
 from .data import sample_image, sample_mask
 
 # %% ../nbs/09a_calibration.ipynb #c0008

@@ -102,9 +102,9 @@ def overlay_mask(ax,                  # a matplotlib axis that already shows the
     return ax
 
 def _legend_kwargs(fig, kwargs)->dict:
-    "Above the panels: inside the figure for a constrained layout (so that `savefig` keeps it), else just above its top."
+    "Below the panels, inside the figure, for a constrained layout (clear of a suptitle; `savefig` keeps it), else above its top."
     engine = getattr(fig, 'get_layout_engine', lambda: None)()
-    where = ({'loc': 'outside upper center'} if type(engine).__name__ == 'ConstrainedLayoutEngine'
+    where = ({'loc': 'outside lower center'} if type(engine).__name__ == 'ConstrainedLayoutEngine'
              else {'loc': 'lower center', 'bbox_to_anchor': (0.5, 1.0)})
     return {**where, 'frameon': False, 'fontsize': 9, **kwargs}
 

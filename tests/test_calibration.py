@@ -15,7 +15,7 @@ from ds2net.calibration import (CalibrationStats, FINE_BINS, LOGIT_RANGE, calibr
                                 show_reliability, side_logits_at, temperature_nll, validation_pairs)
 from ds2net.errors import ParameterError
 from ds2net.data import make_synthetic, segmentation_dls, sample_image, sample_mask
-from ds2net.learner import predict_probabilities
+from ds2net.inference import predict_probabilities
 from ds2net.model import DS2Net, TINY_ENCODER
 
 CONFIG = dict(size=64, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])

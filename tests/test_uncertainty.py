@@ -13,11 +13,11 @@ from sklearn.metrics import roc_auc_score
 
 from ds2net.data import make_synthetic
 from ds2net.errors import ParameterError
-from ds2net.learner import prepare_images
+from ds2net.inference import prepare_images
 from ds2net.model import DS2Net, TINY_ENCODER, fuse_side_outputs
 from ds2net.uncertainty import (FLIPS, N_SCORE_BINS, SCALES, SIGNALS, ErrorHistogram, Flip, Rescale, _at_size, bin_floor,
                                 dropout_sampling, error_detection, image_scores, mc_dropout_probabilities,
-                                mean_and_variance, pixel_uncertainty, side_output_disagreement, tta_probabilities,
+                                mean_and_variance, side_output_disagreement, tta_probabilities,
                                 score_bin, uncertainty_maps)
 
 CONFIG = dict(size=64, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
@@ -122,9 +122,11 @@ def test_side_output_disagreement_is_numpy_variance():
     assert torch.allclose(side_output_disagreement(split), torch.full((1, 1, 2, 2), 0.25))
     assert side_output_disagreement([torch.full((1, 1, 2, 2), 1.3)] * 6).abs().max() < 1e-12
 
-def test_pixel_uncertainty_formula():
-    p = torch.tensor([0., 0.1, 0.5, 0.75, 1.])
-    assert torch.allclose(pixel_uncertainty(p), torch.tensor([0., 0.2, 1., 0.5, 0.]))
+def test_fused_uncertainty_is_the_loss_formula():
+    "image_scores' fused uncertainty is 1 - |p - 0.5| / 0.5 of sigmoid(logits), written out here by hand."
+    logits = torch.tensor([[-30., -2.1972246], [0., 1.0986123]])  # p = 0, 0.1, 0.5, 0.75
+    got = image_scores({'logits': logits})['fused uncertainty']
+    assert torch.allclose(got, torch.tensor([[0., 0.2], [1., 0.5]]), atol=1e-6)
 
 def test_uncertainty_maps_keep_the_mode(net):
     net.train()

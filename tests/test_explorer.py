@@ -1,0 +1,57 @@
+"The ipywidgets explorer of `ds2net.explorer`: every widget change redraws, maps and attributions are cached, inputs and errors."
+import matplotlib
+matplotlib.use('Agg')
+import numpy as np
+import pytest
+import torch
+from fastai.callback.schedule import fit_one_cycle  # noqa: F401
+from fastai.torch_core import set_seed
+
+from ds2net.data import segmentation_dls
+from ds2net.learner import ds2net_learner
+from ds2net.model import TINY_ENCODER
+from ds2net.explorer import explore
+
+
+@pytest.fixture(scope='module')
+def learn():
+    set_seed(0, reproducible=True)
+    dls = segmentation_dls('synthetic:polyp', size=64, bs=8, n=48, seed=0, device='cpu')
+    learn = ds2net_learner(dls, encoder=TINY_ENCODER, lr=3e-3)
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(2, 3e-3)
+    return learn
+
+
+def test_explorer_redraws_on_every_widget_change_and_caches(learn):
+    ex = explore(learn, n=6)
+    assert ex.index.max == 5 and ex.draws == 1 and ex.image.value[:4] == b'\x89PNG'
+    first_png, first_map = ex.image.value, ex.shown.copy()
+    ex.index.value = 2
+    assert ex.draws == 2 and ex.image.value != first_png and not np.allclose(first_map, ex.shown)
+    ex.view.value = 'detail mask 3'
+    np.testing.assert_allclose(ex.shown, ex.maps_of(2).detail_masks_up[2][0, 0].numpy())
+    ex.view.value = 'uncertainty d2'
+    np.testing.assert_allclose(ex.shown, ex.maps_of(2).side_uncertainty[1][0, 0].numpy())
+    assert len(ex._attr) == 0  # nothing attributed until asked
+    ex.view.value = 'attribution: occlusion'
+    assert list(ex._attr) == [(2, 'occlusion')] and ex.shown.max() == pytest.approx(1.0)
+    cached = ex._attr[2, 'occlusion']
+    ex.index.value = 0; ex.index.value = 2
+    assert ex._attr[2, 'occlusion'] is cached and len(ex._attr) == 2 and len(ex._maps) == 2
+    png, draws = ex.image.value, ex.draws
+    ex.threshold.value = 0.95
+    assert ex.draws == draws + 1 and ex.image.value != png
+    assert 'image(s) and 2 attribution(s)' in ex.status.value
+    bundle = ex._repr_mimebundle_()
+    assert 'application/vnd.jupyter.widget-view+json' in bundle
+
+
+def test_explore_inputs_and_errors(learn):
+    x, y = learn.dls.valid.one_batch()
+    ex = explore(learn.model, (x, y), n=3)
+    assert len(ex.x) == 3 and ex.y.shape == (3, 64, 64)
+    ex = explore(learn.model, x[:2])
+    assert ex.y is None and ex.figure() is not None
+    with pytest.raises(ValueError, match='give the images to explore'): explore(learn.model)
+    with pytest.raises(ValueError, match="Unknown view 'edges'"): explore(learn, view='edges')
+    with pytest.raises(TypeError, match='need a DS2Net'): explore(torch.nn.Conv2d(3, 1, 1), x)
