@@ -20,6 +20,7 @@ from fastcore.basics import store_attr
 
 from .errors import ParameterError, WeightsError, mismatch_error
 from .blocks import DEM, SEM
+from .hub import DS2NetHubMixin, hub_metadata
 
 # %% ../nbs/03_model.ipynb #c0006
 PAPER_ENCODER = 'pvt_v2_b2'
@@ -133,8 +134,8 @@ def fuse_side_outputs(side_outputs)->Tensor:
 MIN_SIZE = 32  # DS2Net's four stride-2 levels need at least 32×32 pixels
 
 # %% ../nbs/03_model.ipynb #c0013
-class DS2Net(nn.Module):
-    "Detail-Semantic Deep Supervision Network over a timm encoder; `forward` returns the six side-output logits."
+class DS2Net(nn.Module, DS2NetHubMixin, **hub_metadata()):
+    "Detail-Semantic Deep Supervision Network over a timm encoder; `forward` returns the six side-output logits. `save_pretrained`/`from_pretrained`: see `DS2NetHubMixin`."
     def __init__(self,
                  encoder:str='pvt_v2_b2',        # timm model name (features_only), at least four feature levels
                  pretrained:bool=False,          # ImageNet weights from timm (needs the hub or its cache)

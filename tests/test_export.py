@@ -1,11 +1,10 @@
-"""ds2net.export: ONNX export with onnxruntime parity, pretrained folders (config.json, model.safetensors, README.md),
-the model card, and the errors for files that are not what they claim to be.
+"""ds2net.export: ONNX export with onnxruntime parity, the errors for ONNX files that are not ds2net exports, and
+`export_checkpoint` (ONNX and pretrained folders, the card of a run). Pretrained folders themselves: tests/test_hub.py.
 
 Nothing is downloaded: every test runs with the hub switched off (HF_HUB_OFFLINE) and with outgoing connections
 refused and recorded, and asserts at the end that none was tried. The paper's encoder (pvt_v2_b2, random weights) is
 exported once per session (`pvt_export`; about 40 s on 2 cores), the tiny resnet10t once as well."""
-import json, os, shutil, socket, time, warnings
-from pathlib import Path
+import json, os, socket, time, warnings
 
 import numpy as np
 import pytest
@@ -21,10 +20,9 @@ from ds2net.errors import ParameterError, WeightsError
 from ds2net.model import DS2Net, SIDE_OUTPUT_NAMES
 from ds2net.checkpoint import model_from_checkpoint, save_checkpoint
 from ds2net.inference import predict_probabilities, prepare_images
-from ds2net.export import (ExportError, OnnxModel, PretrainedDS2Net, DS2NetHubMixin, ONNX_SIDE_OUTPUTS, export_onnx,
-                           load_onnx, hub_model, inference_config, model_card, model_from_pretrained, export_checkpoint,
-                           prepare_batch, resize_bilinear, read_safetensors, training_record, evaluation_markdown,
-                           CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
+from ds2net.hub import inference_config, CONFIG_NAME, CARD_NAME
+from ds2net.export import (ExportError, OnnxModel, ONNX_SIDE_OUTPUTS, export_onnx, load_onnx, model_from_pretrained,
+                           export_checkpoint, prepare_batch, resize_bilinear, training_record)
 
 CONFIG = dict(size=96, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
 BATCHES, SIZES = (1, 3), ((96, 96), (75, 110))   # (75, 110): neither square nor a multiple of 32
@@ -182,8 +180,8 @@ def test_export_refuses_bad_arguments_before_work(tmp_path, exports):
     cases = [
         (dict(path=tmp_path/'there.onnx'), f"path='{tmp_path}/there.onnx' already exists: ds2net never replaces a file "
                                            f"unless asked; pass overwrite=True to replace it, or choose another path"),
-        (dict(path=tmp_path/'no'/'x.onnx'), f"path='{tmp_path}/no/x.onnx': the folder {tmp_path}/no does not exist; create "
-                                            f"it or choose another path"),
+        (dict(path=tmp_path/'there.onnx'/'x.onnx'), f"path='{tmp_path}/there.onnx/x.onnx': {tmp_path}/there.onnx is a "
+                                                    f"file, so no folder can be made inside it; choose another path"),
         (dict(exporter='jit'), "exporter='jit': use 'dynamo' (torch.export) or 'legacy' (TorchScript)"),
         (dict(sample_size=(96, 96)), "sample_size=(96, 96): trace with two different sizes of at least 64, so that neither "
                                      "is taken for a constant"),
@@ -197,8 +195,8 @@ def test_export_refuses_bad_arguments_before_work(tmp_path, exports):
     assert (tmp_path/'there.onnx').read_bytes() == b'user data' and not (tmp_path/'new.onnx').exists()
     os.symlink(tmp_path/'there.onnx', tmp_path/'link.onnx')
     with pytest.raises(ParameterError) as e: export_onnx(model, tmp_path/'link.onnx', CONFIG, overwrite=True)
-    assert str(e.value) == (f"path='{tmp_path}/link.onnx' is a symbolic link: ds2net never writes through one; give the "
-                            f"real path or another name")
+    assert str(e.value) == (f"path='{tmp_path}/link.onnx' is a symbolic link (to {tmp_path}/there.onnx): ds2net never "
+                            f"writes through a link, not even with overwrite=True; remove it or choose another path")
     assert (tmp_path/'there.onnx').read_bytes() == b'user data'
 
 def test_onnx_files_that_are_not_ds2net_exports(tmp_path):
@@ -219,53 +217,13 @@ def test_onnx_files_that_are_not_ds2net_exports(tmp_path):
     with pytest.raises(WeightsError) as e: load_onnx(tmp_path/'missing.onnx')
     assert str(e.value) == f"ONNX file not found: {tmp_path}/missing.onnx"
 
-# ------------------------------------------------------------------ pretrained folders
-
-@pytest.fixture(scope='module')
-def tiny_hub():
-    torch.manual_seed(1)
-    model = hub_model(DS2Net('resnet10t', pretrained=False))
-    model.inference_config = inference_config(CONFIG)
-    return model.eval()
-
-@pytest.fixture
-def folder(tmp_path, tiny_hub):
-    tiny_hub.save_pretrained(tmp_path/'pretrained')
-    return tmp_path/'pretrained'
-
-def test_round_trip(folder, tiny_hub):
-    "config.json, model.safetensors, README.md; loaded back offline, the same weights and the same maps."
-    assert sorted(p.name for p in folder.iterdir()) == [CARD_NAME, CONFIG_NAME, WEIGHTS_NAME]
-    cfg = json.loads((folder/CONFIG_NAME).read_text())
-    assert cfg['pretrained'] is False and 'encoder_weights' not in cfg
-    assert {k: cfg[k] for k in ('format', 'encoder', 'channels', 'in_chans', 'size', 'threshold', 'temperature')} == dict(
-        format='ds2net-pretrained-1', encoder='resnet10t', channels=32, in_chans=3, size=[96, 96], threshold=0.5, temperature=1.0)
-    import hashlib
-    assert cfg['weights_sha256'] == hashlib.sha256((folder/WEIGHTS_NAME).read_bytes()).hexdigest()
-    loaded = PretrainedDS2Net.from_pretrained(folder)
-    assert type(loaded) is PretrainedDS2Net and not loaded.training
-    want = tiny_hub.state_dict()
-    assert set(loaded.state_dict()) == set(want) and all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())
-    model, config = model_from_pretrained(folder)
-    images = _images([(96, 96), (75, 110)])
-    for a, b in zip(predict_probabilities(model, images, config), predict_probabilities(tiny_hub, images, CONFIG)):
-        np.testing.assert_array_equal(a, b)
-
-def test_the_constructor_never_asks_for_imagenet_weights(folder, monkeypatch):
-    "Loading builds the encoder once, with pretrained=False (timm is called through, and its arguments recorded)."
-    import timm
-    calls, create = [], timm.create_model
-    def recording(*args, **kwargs):
-        calls.append(kwargs.get('pretrained')); return create(*args, **kwargs)
-    monkeypatch.setattr(timm, 'create_model', recording)
-    PretrainedDS2Net.from_pretrained(folder)
-    assert calls == [False]
+# ------------------------------------------------------------------ pretrained folders and the card of a run
 
 def test_pvt_round_trip(tmp_path, pvt_export):
     "The paper's encoder: save_pretrained, from_pretrained and the ONNX export give the same maps."
     model, session = pvt_export
-    hub = hub_model(model); hub.inference_config = inference_config(CONFIG)
-    hub.save_pretrained(tmp_path/'pvt')
+    model.inference_config = inference_config(CONFIG)
+    model.save_pretrained(tmp_path/'pvt')
     loaded, config = model_from_pretrained(tmp_path/'pvt')
     images = _images([(96, 96), (75, 110)], seed=3)
     a, b, c = predict_probabilities(model, images, CONFIG), predict_probabilities(loaded, images, config), session.predict(images)
@@ -273,100 +231,10 @@ def test_pvt_round_trip(tmp_path, pvt_export):
         np.testing.assert_array_equal(x, y); np.testing.assert_allclose(z, x, atol=ATOL, rtol=RTOL)
     assert json.loads((tmp_path/'pvt'/CONFIG_NAME).read_text())['drop_path_rate'] == 0.1
 
-def test_hub_model_pickles(tiny_hub):
-    "learn.export pickles the model: a PretrainedDS2Net survives it with its hub config."
-    import pickle
-    again = pickle.loads(pickle.dumps(tiny_hub))
-    assert isinstance(again, DS2NetHubMixin) and all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), tiny_hub.state_dict().values()))
-
-def _copy(folder, name):
-    broken = folder.parent/name; shutil.copytree(folder, broken); return broken
-
-def _load_error(path)->str:
-    with pytest.raises(WeightsError) as e: PretrainedDS2Net.from_pretrained(path)
-    return str(e.value)
-
-def test_truncated_weights(folder):
-    broken = _copy(folder, 'truncated'); w = broken/WEIGHTS_NAME
-    w.write_bytes(w.read_bytes()[:w.stat().st_size // 2])
-    assert _load_error(broken) == (f"{w} cannot be read as safetensors (Error while deserializing header: incomplete "
-                                   f"metadata, file not fully covered): the file is damaged or incomplete (an interrupted "
-                                   f"copy or download?). Copy it again, or save the folder again.")
-
-def test_tampered_weights(folder):
-    "One bit changed in a tensor: safetensors reads it, the checksum in config.json does not match."
-    import hashlib
-    broken = _copy(folder, 'tampered'); w = broken/WEIGHTS_NAME
-    data = bytearray(w.read_bytes()); data[-3] ^= 1; w.write_bytes(bytes(data))
-    saved = json.loads((broken/CONFIG_NAME).read_text())['weights_sha256']
-    assert _load_error(broken) == (f"{w} is not the file that was saved: its SHA-256 is {hashlib.sha256(data).hexdigest()[:16]}…, "
-                                   f"config.json records {saved[:16]}…. The weights changed after saving (damaged, or "
-                                   f"edited). Copy the folder again, or save it again from its checkpoint.")
-    header = _copy(folder, 'header'); w = header/WEIGHTS_NAME
-    data = w.read_bytes(); n = int.from_bytes(data[:8], 'little')
-    w.write_bytes(data[:8] + data[8:8 + n].replace(b'"F32"', b'"F16"', 1) + data[8 + n:])
-    assert _load_error(header).startswith(f"{w} cannot be read as safetensors (")
-
-def test_config_that_does_not_match_the_weights(folder):
-    broken = _copy(folder, 'mismatch')
-    cfg = json.loads((broken/CONFIG_NAME).read_text()); cfg['in_chans'] = 1
-    (broken/CONFIG_NAME).write_text(json.dumps(cfg))
-    assert _load_error(broken) == (
-        f"{broken}/model.safetensors and the network of {broken}/config.json (encoder 'resnet10t', channels 32, in_chans 1) "
-        f"does not match:\n  wrong shapes (1): encoder.conv1.0.weight (24, 3, 3, 3) (model: (24, 1, 3, 3))\n  config.json "
-        f"and model.safetensors of this folder do not belong together: restore the folder's config.json, or save the "
-        f"folder again from its checkpoint.")
-
-def test_missing_key_is_not_loaded_silently(folder):
-    "The mixin's own loader would leave a missing layer at its random initialisation (strict=False); this one refuses."
-    import safetensors.torch, hashlib
-    broken = _copy(folder, 'missing-key'); w = broken/WEIGHTS_NAME
-    state = safetensors.torch.load_file(str(w)); del state['heads.5.bias']
-    w.write_bytes(safetensors.torch.save(state))
-    cfg = json.loads((broken/CONFIG_NAME).read_text()); cfg['weights_sha256'] = hashlib.sha256(w.read_bytes()).hexdigest()
-    (broken/CONFIG_NAME).write_text(json.dumps(cfg))
-    assert _load_error(broken) == (
-        f"{w} and the network of {broken}/config.json (encoder 'resnet10t', channels 32, in_chans 3) does not match:\n"
-        f"  missing keys (1): heads.5.bias\n  config.json and model.safetensors of this folder do not belong together: "
-        f"restore the folder's config.json, or save the folder again from its checkpoint.")
-
-def test_folders_that_are_not_pretrained_folders(folder, tmp_path):
-    no_config = _copy(folder, 'no-config'); (no_config/CONFIG_NAME).unlink()
-    assert _load_error(no_config) == (f"{no_config} has no config.json, so it is not a ds2net pretrained folder "
-                                      f"(`save_pretrained` writes config.json, model.safetensors, README.md). Save it "
-                                      f"again, or give the folder that holds them.")
-    other = _copy(folder, 'other'); (other/CONFIG_NAME).write_text('{"hidden_size": 64}')
-    assert _load_error(other) == (f"{other}/config.json is not a ds2net pretrained config (its format is None, not "
-                                  f"'ds2net-pretrained-1'): the folder was not written by ds2net's `save_pretrained`.")
-    bad_json = _copy(folder, 'bad-json'); (bad_json/CONFIG_NAME).write_text('{"encoder": ')
-    assert _load_error(bad_json) == (f"{bad_json}/config.json is not valid JSON (Expecting value: line 1 column 13 (char "
-                                     f"12)): restore the folder's config.json, or save the folder again.")
-    assert _load_error(tmp_path/'nowhere') == f"Pretrained folder not found: {tmp_path}/nowhere"
-    assert _load_error(folder/CONFIG_NAME).startswith(f"{folder}/config.json is a file, not a pretrained folder")
-
-def test_a_hub_id_without_the_hub():
-    "A name that is not a local folder goes to the hub; with the hub off, the error says both."
-    message = _load_error('someone/ds2net-model')
-    assert message.startswith("someone/ds2net-model is not a local folder, and the Hugging Face hub did not give it (")
-
-def test_save_refuses_to_replace_files(folder, tiny_hub, tmp_path):
-    before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    with pytest.raises(ParameterError) as e: tiny_hub.save_pretrained(folder)
-    assert str(e.value) == (f"save_directory='{folder}' already holds config.json, model.safetensors, README.md: ds2net "
-                            f"never replaces files unless asked; pass overwrite=True to replace them, or choose another "
-                            f"save_directory")
-    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
-    tiny_hub.save_pretrained(folder, overwrite=True)  # asked: replaced
-    (tmp_path/'linked').mkdir(); os.symlink(tmp_path/'elsewhere.md', tmp_path/'linked'/CARD_NAME)
-    with pytest.raises(ParameterError) as e: tiny_hub.save_pretrained(tmp_path/'linked', overwrite=True)
-    assert str(e.value) == (f"save_directory='{tmp_path}/linked' holds symbolic links (README.md): ds2net never writes "
-                            f"through one; remove them or choose another save_directory")
-    assert not (tmp_path/'elsewhere.md').exists()
-
 # ------------------------------------------------------------------ the model card
 
 @pytest.fixture(scope='module')
-def run(tmp_path_factory, tiny_hub):
+def run(tmp_path_factory):
     "A checkpoint as `ds2net train` leaves it (random weights, a synthetic-data config), with its summary.json and a table."
     out = tmp_path_factory.mktemp('run')
     config = {**CONFIG, 'data': 'synthetic:polyp', 'weighting': 'uncertainty', 'lr': 0.003}
@@ -393,14 +261,6 @@ def test_card_from_a_run(run, tmp_path):
                    '- epochs: 6', 'ds2net train --data synthetic:polyp --encoder resnet10t --size 96 --epochs 6 --lr 0.003 --out RUN',
                    '| synthetic-polyp | 0.500 | 0.510 | 0.520 |', '| 24 |', 'The weights: `apache-2.0`', 'arXiv:2508.04131'):
         assert needed in text, needed
-
-def test_card_without_a_table_or_a_run(tiny_hub):
-    card = tiny_hub.generate_model_card()
-    again = ModelCard(str(card))   # what ModelCard.load parses: the YAML header must be valid Hub metadata
-    assert again.data.eval_results is None and again.data.metrics == ['dice', 'iou'] and 'synthetic-data' not in again.data.tags
-    assert 'Training was not recorded with these weights.' in again.text
-    assert evaluation_markdown(None) in again.text and 'ds2net evaluate' in evaluation_markdown(None)
-    assert f"| parameters | {sum(p.numel() for p in tiny_hub.parameters()):,} |" in again.text
 
 def test_training_record(run):
     r = training_record(run/'best.pth')
