@@ -93,10 +93,11 @@ DOCS_PORT  ?= 8000
 
 docs-env: $(DOCS_STAMP)
 
-$(DOCS_STAMP): docs/requirements.txt
+$(DOCS_STAMP): docs/requirements.txt docs/requirements-nodeps.txt
 	test -x $(DOCS_VENV)/bin/python || $(PYTHON) -m venv $(DOCS_VENV)
 	$(DOCS_VENV)/bin/python -m pip install -q --upgrade pip
 	$(DOCS_VENV)/bin/python -m pip install -q -r docs/requirements.txt
+	$(DOCS_VENV)/bin/python -m pip install -q --no-deps -r docs/requirements-nodeps.txt
 	touch $(DOCS_STAMP)
 
 # Builds _site/ from the notebooks' committed outputs (nothing is re-executed).

@@ -1,10 +1,11 @@
 """MkDocs hooks of the ds2net site (docs/mkdocs.yml): keep every page offline.
 
-mkdocs-jupyter's template (nbconvert's lab template) puts on each notebook page a MathJax `<script src>` (from
-a CDN, or empty when no URL is configured) and a module script that imports mermaid from a CDN when a page has
-a mermaid diagram; jupyter-widgets' manager comes too when a notebook carries widget state (tools/docs.py drops
-that state). No ds2net notebook writes TeX or mermaid, so these scripts are removed rather than vendored: a
-page then requests nothing from any host but the one serving it.
+mkdocs-jupyter's template (nbconvert's lab template) puts on each notebook page a MathJax `<script src>` and a
+module script that imports mermaid from a CDN when a page has a mermaid diagram; jupyter-widgets' manager comes too
+when a notebook carries widget state (tools/docs.py drops that state). MathJax is the site's own copy (the docs
+toolchain installs it from PyPI and tools/docs.py copies it to assets/mathjax/): its placeholder URL becomes a path
+relative to the page. Any other script from another host is removed (no ds2net notebook draws mermaid): a page
+then requests nothing from any host but the one serving it.
 
 mkdocs-jupyter also builds a notebook page's table of contents with its own slugs, which drop code spans
 (`### Colonoscopy: `make_polyp`` -> `#colonoscopy`) where nbconvert's heading id keeps them
@@ -37,5 +38,12 @@ def _fix_toc(output):
         return f'href="#{near}"' if near else m.group(0)
     return _local_href.sub(fix, output)
 
+MATHJAX_PLACEHOLDER = 'ds2net-mathjax:'  # docs/mkdocs.yml's custom_mathjax_url starts with it
+
+def _local_mathjax(output, page):
+    "Point the MathJax script at the site's own copy (assets/mathjax/, put there by tools/docs.py), relative to the page."
+    up = '../' * page.url.count('/')
+    return output.replace(f'src="{MATHJAX_PLACEHOLDER}', f'src="{up}assets/mathjax/')
+
 def on_post_page(output, page, config):
-    return _fix_toc(_script.sub(_keep, output))
+    return _fix_toc(_script.sub(_keep, _local_mathjax(output, page)))

@@ -110,3 +110,21 @@ def test_search_finds_the_dem_reference(site, serve_folder, page, offsite_reques
     page.goto(hrefs[dem[0]], wait_until='load')        # (it may sit under "more on this page": follow its link)
     assert page.locator('h2#dem').is_visible()
     assert not offsite_requests and not console_errors, (offsite_requests, console_errors)
+
+@pytest.mark.browser
+def test_formulas_are_typeset_offline(site, serve_folder, page, offsite_requests, console_errors, artifacts_dir):
+    "The losses chapter's formulas come out as MathJax's typeset math, from the site's own copy of MathJax."
+    assert (site/'assets'/'mathjax'/'MathJax.js').is_file()
+    server = serve_folder(site)
+    page.goto(server.url + 'losses.html', wait_until='load')
+    typeset = page.locator('.MathJax_CHTML, .MathJax_Display')
+    for _ in range(50):                      # MathJax typesets after the load event
+        if typeset.count(): break
+        page.wait_for_timeout(200)
+    page.wait_for_timeout(500)
+    assert typeset.count() >= 10, f'{typeset.count()} typeset formulas on losses.html'
+    text = page.locator('article').inner_text()
+    assert '$$' not in text and '\\frac' not in text, 'raw TeX is visible on losses.html'
+    page.locator('.MathJax_Display').first.scroll_into_view_if_needed()
+    page.screenshot(path=str(artifacts_dir/'docs-formula.png'), full_page=False)
+    assert not offsite_requests and not console_errors, (offsite_requests, console_errors)

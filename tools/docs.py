@@ -338,6 +338,7 @@ def write_pages(work:Path)->tuple:
         entries.append((rel, page, title))
     for p in sorted((DOCS/'pages').rglob('*')) if (DOCS/'pages').exists() else []:
         if p.is_file(): d = pages/p.relative_to(DOCS/'pages'); d.parent.mkdir(parents=True, exist_ok=True); shutil.copy2(p, d)
+    copy_mathjax(pages/'assets'/'mathjax')
     home = [p for r, p, t in entries if r == 'index.ipynb']
     tutorials = [{_nav_title(t): p} for r, p, t in entries if r.startswith('tutorials/')]
     chapters_nav = [{_nav_title(t): p} for r, p, t in entries if '/' not in r and r != 'index.ipynb']
@@ -348,6 +349,16 @@ def write_pages(work:Path)->tuple:
     api_nav = [{'Overview': 'api/index.md'}] + [{p.removeprefix('api/').removesuffix('.md'): p} for p in ref if p != 'api/index.md']
     nav.append({'API reference': api_nav})
     return nav, dict(notebooks=len(entries), reference_pages=len(ref) - 1, reference_entries=n_ref)
+
+def mathjax_folder(venv:Path=MKDOCS.parent.parent)->Path:
+    "MathJax 2.7's files in the docs toolchain (docs/requirements-nodeps.txt: jupyter-server-mathjax, used for its files only)."
+    found = sorted(venv.glob('lib/python*/site-packages/jupyter_server_mathjax/static/MathJax.js'))
+    if not found: sys.exit(f'MathJax is missing from {venv}: run `make docs-env` (docs/requirements-nodeps.txt installs it)')
+    return found[-1].parent
+
+def copy_mathjax(dest:Path):
+    "Put MathJax in the site (assets/mathjax/), so that formulas render with no request to a CDN (docs/hooks.py links it)."
+    if not (dest/'MathJax.js').is_file(): shutil.copytree(mathjax_folder(), dest, dirs_exist_ok=True)
 
 def mkdocs_config(work:Path, site:Path, nav)->Path:
     "A config that inherits docs/mkdocs.yml and adds the paths and the navigation of this build."
