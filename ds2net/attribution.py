@@ -16,12 +16,12 @@ from torch import nn, Tensor
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion, Saliency
 from fastai.interpret import Interpretation
 
-from .errors import ParameterError, check
+from .errors import ParameterError, check, is_whole
 from .model import fuse_side_outputs
 from .losses import as_float_mask
 from .scores import overlap_scores
 from .learner import data_config
-from .stage_maps import StageMaps, stage_maps, _as_mask
+from .stage_maps import StageMaps, stage_maps, check_images, _as_mask
 from .viz import MAP_KINDS, show_map, show_truth, show_prediction, colorbar, outline_legend
 
 # %% ../nbs/12a_attribution.ipynb #a008
@@ -54,6 +54,8 @@ def _encoder_stage(encoder:nn.Module, k:int)->nn.Module:
 def resolve_layer(model:nn.Module, layer)->nn.Module:
     "A module of `model` from a name in `LAYER_NAMES` (or the module itself)."
     if isinstance(layer, nn.Module): return layer
+    check(hasattr(model, 'forward_with_masks'), 'layer', "{layer=given} names a part of DS2Net, and the model is a {kind}: "
+          "pass the layer itself, e.g. {layer}=model.<block>", given=layer, kind=type(model).__name__)
     check(layer in LAYER_NAMES, 'layer', "Unknown layer {given!r}: give a module of the network or one of {names}",
           given=layer, names=', '.join(LAYER_NAMES))
     kind, k = layer[:-1], int(layer[-1]) - 1
@@ -61,6 +63,18 @@ def resolve_layer(model:nn.Module, layer)->nn.Module:
     return (model.detail_path if kind == 'dem' else model.semantic_path)[k]
 
 # %% ../nbs/12a_attribution.ipynb #a014
+def _check_method_args(x:Tensor, n_steps, window, internal_batch_size):
+    "Refuse integrated gradients' steps or batch and occlusion windows that captum cannot use, before any work."
+    check(is_whole(n_steps) and n_steps >= 1, 'n_steps', "{n_steps=given}: integrated gradients needs a whole number of "
+          "steps of at least 1 (32 is the default; more steps, a closer approximation)", given=n_steps)
+    check(internal_batch_size is None or (is_whole(internal_batch_size) and internal_batch_size >= 1),
+          'internal_batch_size', "{internal_batch_size=given}: give a whole number of images per pass of at least 1, or "
+          "None for all at once", given=internal_batch_size)
+    side = min(x.shape[-2:])
+    check(window is None or (is_whole(window) and 1 <= window <= side), 'window', "{window=given}: the occlusion window "
+          "must be a whole number of pixels from 1 to the image's shorter side ({side}); None: 1/8 of it",
+          given=window, side=side)
+
 def attribute(model:nn.Module,                    # a DS2Net (or any network returning side-output logits)
               x:Tensor,                           # (B, 3, H, W) normalised images
               method:str='integrated_gradients',  # one of ATTRIBUTION_METHODS
@@ -75,9 +89,11 @@ def attribute(model:nn.Module,                    # a DS2Net (or any network ret
           given=method, methods=', '.join(ATTRIBUTION_METHODS))
     if layer is not None and method != 'gradcam':
         raise ParameterError('layer', "`{layer}` is for {method='gradcam'}; {given!r} attributes to the input pixels", given=method)
+    x = check_images(x)
+    _check_method_args(x, n_steps, window, internal_batch_size)
     if method == 'gradcam': layer = resolve_layer(model, 'dem3' if layer is None else layer)
     device = next(model.parameters()).device
-    x = x.as_subclass(Tensor).detach().to(device).requires_grad_()  # a plain tensor: captum sets requires_grad on copies
+    x = x.detach().to(device).requires_grad_()  # a plain tensor: captum sets requires_grad on copies
     was_training = model.training
     model.eval()
     try:

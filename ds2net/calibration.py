@@ -19,6 +19,7 @@ from torch import nn, Tensor
 import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 from torchmetrics import Metric
+from fastcore.basics import patch
 
 from .errors import check, is_number, is_whole
 from .viz import SERIES_COLORS
@@ -47,6 +48,7 @@ def _check_temperature(temperature):
     check(is_number(temperature) and temperature > 0, 'temperature',
           "{temperature=given}: use a positive number (1 leaves the logits as they are)", given=temperature)
 
+# %% ../nbs/09a_calibration.ipynb #c0012-1
 class CalibrationStats(Metric):
     "Per-bin sums of one output's predictions over a test set, updated one image at a time: ECE, Brier and NLL without keeping pixels."
     is_differentiable, higher_is_better, full_state_update = False, False, False
@@ -114,16 +116,18 @@ class CalibrationStats(Metric):
         return dict(ECE_ew=float(ece_ew), ECE_em=float(gaps.abs().sum() / n),
                     Brier=float(self.brier_sum / n), NLL=float(self.nll_sum / n))
 
-    def reliability(self, mass:bool=False)->pd.DataFrame:
-        "Per non-empty bin: its pixels, their mean probability (`confidence`) and their share of foreground (`frequency`)."
-        if mass:
-            per_bin = lambda v: torch.bincount(self._equal_mass_bins(), weights=v, minlength=self.n_bins)
-            count, prob, pos = per_bin(self.fine_counts.sum(1)), per_bin(self.fine_prob), per_bin(self.fine_counts[:, 1])
-        else:  # torchmetrics' extra bin of p = 1 is shown with the last bin
-            fold = lambda v: torch.cat([v[:-2], v[-2:].sum(0, keepdim=True)])
-            count, prob, pos = fold(self.width_counts.sum(1)), fold(self.width_prob), fold(self.width_counts[:, 1])
-        df = pd.DataFrame(dict(pixels=count.numpy(), confidence=(prob / count).numpy(), frequency=(pos / count).numpy()))
-        return df[df.pixels > 0].reset_index(drop=True)
+# %% ../nbs/09a_calibration.ipynb #c0012-2
+@patch
+def reliability(self:CalibrationStats, mass:bool=False)->pd.DataFrame:
+    "Per non-empty bin: its pixels, their mean probability (`confidence`) and their share of foreground (`frequency`)."
+    if mass:
+        per_bin = lambda v: torch.bincount(self._equal_mass_bins(), weights=v, minlength=self.n_bins)
+        count, prob, pos = per_bin(self.fine_counts.sum(1)), per_bin(self.fine_prob), per_bin(self.fine_counts[:, 1])
+    else:  # torchmetrics' extra bin of p = 1 is shown with the last bin
+        fold = lambda v: torch.cat([v[:-2], v[-2:].sum(0, keepdim=True)])
+        count, prob, pos = fold(self.width_counts.sum(1)), fold(self.width_prob), fold(self.width_counts[:, 1])
+    df = pd.DataFrame(dict(pixels=count.numpy(), confidence=(prob / count).numpy(), frequency=(pos / count).numpy()))
+    return df[df.pixels > 0].reset_index(drop=True)
 
 # %% ../nbs/09a_calibration.ipynb #c0020
 def reliability_diagram(stats:dict,     # label -> `CalibrationStats`, one curve each

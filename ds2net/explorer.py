@@ -14,11 +14,11 @@ from torch import nn, Tensor
 import ipywidgets as widgets
 from fastai.vision.core import imagenet_stats
 
-from .errors import check
+from .errors import check, is_whole
 from .model import SIDE_OUTPUT_NAMES
 from .scores import dice_at
 from .learner import data_config
-from .stage_maps import StageMaps, stage_maps, _check_ds2net
+from .stage_maps import StageMaps, stage_maps, check_images, _check_ds2net
 from .attribution import ATTRIBUTION_METHODS, attribute, explanation_target, scale_attribution
 from .viz import show_map, show_truth, show_prediction, colorbar, outline_legend
 
@@ -64,6 +64,15 @@ def view_figure(maps:StageMaps,        # `stage_maps` of one image
     return fig
 
 # %% ../nbs/12b_explorer.ipynb #e013
+def _check_masks(y:Tensor, x:Tensor)->Tensor:
+    "Masks (N, H, W) for the N images of `x` at their size; a count or size that differs is refused now, not when the slider moves."
+    if y.ndim == 4 and y.shape[1] == 1: y = y[:, 0]
+    check(y.ndim == 3 and len(y) == len(x) and y.shape[-2:] == x.shape[-2:], 'y', "{y} must hold one (H, W) mask per "
+          "image: {n} image(s) of {h}x{w}, got masks of shape {shape}", n=len(x), h=x.shape[-2], w=x.shape[-1],
+          shape=tuple(y.shape))
+    return y
+
+# %% ../nbs/12b_explorer.ipynb #e013-1
 class Explorer:
     "An ipywidgets explorer of DS2Net's maps over a set of images (build it with `explore`)."
     def __init__(self,
@@ -73,8 +82,9 @@ class Explorer:
                  mean=imagenet_stats[0], std=imagenet_stats[1],
                  view:str='fused probability', # what to show first
                  figsize=(8, 3.6)):
-        self.model, self.x, self.y, self.mean, self.std, self.figsize = model, x.as_subclass(Tensor).cpu(), y, mean, std, figsize
-        if y is not None: self.y = torch.as_tensor(y).as_subclass(Tensor).cpu()
+        x = check_images(x).cpu()
+        if y is not None: y = _check_masks(torch.as_tensor(y).as_subclass(Tensor).cpu(), x)
+        self.model, self.x, self.y, self.mean, self.std, self.figsize = model, x, y, mean, std, figsize
         self.views = _view_names()
         check(view in self.views, 'view', "Unknown view {given!r}: choose one of {views}", given=view, views=', '.join(self.views))
         self._maps, self._attr = {}, {}   # caches: image index -> StageMaps; (index, method) -> attribution
@@ -131,15 +141,19 @@ class Explorer:
 # %% ../nbs/12b_explorer.ipynb #e015
 def _collect(data, n:int):
     "(x, y) tensors of at most `n` images from DataLoaders (validation set), a DataLoader, a tuple (x, y) or a tensor x."
-    if isinstance(data, Tensor): return data[:n], None
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor): return data[0][:n], data[1][:n]
+    if isinstance(data, (Tensor, np.ndarray)): return check_images(data, 'data')[:n], None
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
+        x, y = check_images(data[0], 'data'), torch.as_tensor(data[1]).as_subclass(Tensor)
+        check(len(y) == len(x), 'data', "explore: {data} holds {n} image(s) and {m} mask(s): give one mask per image",
+              n=len(x), m=len(y))
+        return x[:n], y[:n]
     dl = data.valid if hasattr(data, 'valid') else data
     xs, ys, k = [], [], 0
     for b in dl:
         xs.append(b[0].as_subclass(Tensor).cpu()); ys.append(b[1].as_subclass(Tensor).cpu() if len(b) > 1 else None)
         k += len(b[0])
         if k >= n: break
-    check(len(xs) > 0, 'data', "explore: {data} holds no images")
+    check(len(xs) > 0 and k > 0, 'data', "explore: {data} holds no images; give at least one")
     return torch.cat(xs)[:n], (None if ys[0] is None else torch.cat(ys)[:n])
 
 def explore(learn_or_model,     # a fastai Learner of DS2Net, or a DS2Net
@@ -158,5 +172,6 @@ def explore(learn_or_model,     # a fastai Learner of DS2Net, or a DS2Net
     if mean is None or std is None:
         cfg = data_config(learn.dls) if learn is not None else dict(mean=imagenet_stats[0], std=imagenet_stats[1])
         mean, std = cfg['mean'], cfg['std']
+    check(is_whole(n) and n >= 1, 'n', "{n=given}: explore at least one image (a whole number)", given=n)
     x, y = _collect(data, n)
     return Explorer(model, x, y, mean, std, **kwargs)

@@ -213,6 +213,7 @@ def read_onnx_metadata(session:ort.InferenceSession, path='the ONNX file')->dict
                            "Export the model again with this version.", path=path, got=got, version=__version__, want=ONNX_FORMAT)
     return meta
 
+# %% ../nbs/07_export.ipynb #x0027-1
 class OnnxModel:
     "A ds2net ONNX export run by onnxruntime: `metadata` says how to feed it; `predict` takes images as `predict_probabilities` does."
     def __init__(self,

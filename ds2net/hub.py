@@ -104,6 +104,7 @@ def read_safetensors(path:str|Path, sha256:str|None=None)->dict:
                            "again from its checkpoint.", path=path, got=got[:16], want=str(sha256)[:16])
     return state
 
+# %% ../nbs/02a_hub.ipynb #h0010-1
 def check_pretrained_out(folder:str|Path,        # the pretrained folder to write (it may not exist yet)
                          overwrite:bool=False,   # replace its config.json, model.safetensors and README.md
                          param:str='save_directory', # the parameter that gave it, named in the messages
@@ -134,7 +135,7 @@ def _local_folder(name)->Path|None:
     return p
 
 # %% ../nbs/02a_hub.ipynb #h0013
-MODEL_CARD_TEMPLATE = """---
+_CARD_ABOUT = """---
 {{ card_data }}
 ---
 
@@ -159,7 +160,10 @@ each pixel, the probability that it belongs to the structure the model was train
 | outputs | six side-output logits at the input's size: d1, d2, d3 (detail path), s1, s2, s3 (semantic path) |
 | prediction | sigmoid of the fused logits, the sum of the six{% if temperature != 1.0 %}, divided by the temperature {{ temperature }}{% endif %} |
 
-## Input and output
+"""
+
+# %% ../nbs/02a_hub.ipynb #h0013-1
+_CARD_USE = """## Input and output
 {% if size %}
 1. Resize the RGB image to {{ size[0] }} × {{ size[1] }} pixels (height × width), bilinear.
 2. Divide by 255, then normalise each channel: (x − mean) / std with mean {{ mean }} and std {{ std }}.
@@ -214,6 +218,7 @@ ds2net predict --model path/to/this/folder --input images/ --out predictions/
 }
 ```
 """
+MODEL_CARD_TEMPLATE = _CARD_ABOUT + _CARD_USE  # Jinja2, rendered by huggingface_hub's ModelCard
 
 # %% ../nbs/02a_hub.ipynb #h0014
 CARD_METRICS = {'meanDic': 'dice', 'meanIoU': 'iou', 'wFm': 'weighted-f-measure', 'Sm': 's-measure', 'meanEm': 'e-measure',
@@ -268,6 +273,7 @@ def training_markdown(training:dict|None)->str:
     if command: lines.append(f"\nCommand:\n\n```bash\n{command}\n```")
     return '\n'.join(lines)
 
+# %% ../nbs/02a_hub.ipynb #h0014-1
 def training_command(config:dict, summary:dict|None=None)->str:
     "The `ds2net train` line that gives these settings (those a checkpoint records; the others are the defaults)."
     summary = summary or {}
@@ -321,6 +327,7 @@ def _check_exact(expected:dict, state:dict, weights, source, arch):
                            f"config.json, or save the folder again from its checkpoint.")
     if error is not None: raise error
 
+# %% ../nbs/02a_hub.ipynb #h0017-1
 class DS2NetHubMixin(PyTorchModelHubMixin):
     "`save_pretrained`, `from_pretrained` and `push_to_hub` for DS2Net: exact loading, no download in the constructor, a checksum, a model card."
     def save_pretrained(self,

@@ -4,16 +4,19 @@
 
 # %% auto #0
 __all__ = ['REDUCTIONS', 'DS2NET_LEVELS', 'WEIGHTINGS', 'as_float_mask', 'reduce_loss', 'boundary_weights', 'structure_loss',
-           'pixel_uncertainty', 'side_output_uncertainty', 'uncertainty_weights', 'fixed_weights',
+           'pixel_uncertainty', 'side_output_uncertainty', 'check_temperature', 'uncertainty_weights', 'fixed_weights',
            'DeepSupervisionLoss']
 
 # %% ../nbs/04_losses.ipynb #c0003
+import math
 from typing import Callable, Sequence
 
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from fastcore.basics import store_attr
+
+from .errors import ParameterError
 
 # %% ../nbs/04_losses.ipynb #c0006
 def as_float_mask(mask:Tensor, # (B, H, W) or (B, 1, H, W), values in [0, 1]
@@ -66,11 +69,20 @@ def side_output_uncertainty(logits:Tensor)->Tensor:
     "Mean of 1 − |sigmoid(P) − 0.5| / 0.5 over batch and pixels: 0 = certain, 1 = maximally unsure (a 0-d tensor)."
     return pixel_uncertainty(torch.sigmoid(logits.as_subclass(Tensor).float())).mean()
 
+def check_temperature(temperature)->float:
+    "The softmax temperature as a float, refused unless a positive, finite number (a NaN would silently make every weight NaN)."
+    ok = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+    if not ok or not math.isfinite(temperature):
+        raise ParameterError('temperature', "{temperature=given}: the temperature of the uncertainty softmax must be a "
+                             "positive, finite number (the paper's is 1)", given=temperature)
+    if temperature <= 0: raise ParameterError('temperature', "temperature must be positive, got {given}", given=temperature)
+    return float(temperature)
+
 def uncertainty_weights(side_logits:Sequence[Tensor], # the side outputs' logits
                         temperature:float=1.0,        # T of the softmax: larger T, more equal weights
                        )->tuple:
     "Weights w_n = a_n / max(a), a = softmax(u / T), and the uncertainties u; both detached, on the logits' device."
-    if temperature <= 0: raise ValueError(f"temperature must be positive, got {temperature}")
+    temperature = check_temperature(temperature)
     u = torch.stack([side_output_uncertainty(p.detach()) for p in side_logits])
     a = torch.softmax(u / temperature, dim=0)
     return (a / a.max()).detach(), u.detach()
@@ -105,7 +117,7 @@ class DeepSupervisionLoss(nn.Module):
         else:
             weighting = tuple(float(w) for w in weighting)
             if any(w < 0 for w in weighting): raise ValueError(f"weights must be non-negative, got {weighting}")
-        if temperature <= 0: raise ValueError(f"temperature must be positive, got {temperature}")
+        check_temperature(temperature)  # the value is kept as given (it shows in the loss's repr)
         if reduction not in REDUCTIONS: raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         store_attr('weighting,temperature,base,levels,reduction')
         self.last_weights = self.last_uncertainties = self.last_losses = None

@@ -18,7 +18,7 @@ from torch import nn, Tensor
 import torch.nn.functional as F
 from fastcore.basics import store_attr
 
-from .errors import ParameterError, WeightsError, mismatch_error
+from .errors import ParameterError, WeightsError, mismatch_error, check, is_whole, is_number
 from .blocks import DEM, SEM
 from .hub import DS2NetHubMixin, hub_metadata
 
@@ -134,6 +134,17 @@ def fuse_side_outputs(side_outputs)->Tensor:
 MIN_SIZE = 32  # DS2Net's four stride-2 levels need at least 32×32 pixels
 
 # %% ../nbs/03_model.ipynb #c0013
+def _check_sizes(channels, in_chans, drop_path_rate):
+    "Refuse a width, a number of input channels or a stochastic depth that cannot build a network."
+    check(is_whole(channels) and channels >= 1, 'channels', "{channels=given}: the decoder's width must be a whole number "
+          "of at least 1 (the paper's is 32)", given=channels)
+    check(is_whole(in_chans) and in_chans >= 1, 'in_chans', "{in_chans=given}: the images' channels must be a whole "
+          "number of at least 1 (3 for RGB)", given=in_chans)
+    check(drop_path_rate is None or (is_number(drop_path_rate) and 0 <= drop_path_rate < 1), 'drop_path_rate',
+          "{drop_path_rate=given}: the stochastic depth is a probability in [0, 1) (or None for the default)",
+          given=drop_path_rate)
+
+# %% ../nbs/03_model.ipynb #c0013-1
 class DS2Net(nn.Module, DS2NetHubMixin, **hub_metadata()):
     "Detail-Semantic Deep Supervision Network over a timm encoder; `forward` returns the six side-output logits. `save_pretrained`/`from_pretrained`: see `DS2NetHubMixin`."
     def __init__(self,
@@ -146,6 +157,7 @@ class DS2Net(nn.Module, DS2NetHubMixin, **hub_metadata()):
                  **encoder_kwargs,               # passed on to `timm.create_model`
                 ):
         super().__init__()
+        _check_sizes(channels, in_chans, drop_path_rate)
         store_attr('channels,in_chans')
         self.encoder_name = encoder
         self.drop_path_rate = default_drop_path_rate(encoder) if drop_path_rate is None else float(drop_path_rate)

@@ -173,6 +173,7 @@ def _clear(folder:Path):
     for p in folder.iterdir(): p.unlink()
     folder.rmdir()
 
+# %% ../nbs/11a_running_example.ipynb #r0019-1
 def _train_entry(recipe:dict, folder:Path)->None:
     "Train `recipe` into a temporary folder beside `folder`, write the manifest, rename it to `folder`."
     partial = folder.with_name(f'.{folder.name}.partial-{os.getpid()}')

@@ -209,3 +209,29 @@ def test_interpretation_is_fastais_with_per_image_losses(learn):
     assert interp.losses[:len(xb)].mean().item() == pytest.approx(batch_mean, rel=1e-4)
     few = DS2NetInterpretation.from_learner(learn, max_images=3)
     assert len(few.x) == len(few.dice) == len(few.losses) == 3
+
+
+def test_attribute_refuses_bad_arguments_before_any_work(model, batch):
+    "Issue 16, item 16: numpy input, no steps, a window larger than the image, a DS2Net layer name on another network."
+    x, _ = batch
+    cases = [
+        (dict(x=np.zeros((1, 3, 64, 64), np.float32)), "x is a numpy.ndarray: give a torch tensor (B, 3, H, W) of "
+         "normalised images, e.g. `prepare_images(images, config)` (ds2net.inference) or a batch of the Learner's DataLoaders"),
+        (dict(x=x[0]), "x must be a batch (B, C, H, W) of at least one image, got shape (3, 64, 64)"),
+        (dict(x=(x * 255).byte()), "x holds torch.uint8 values: give normalised float images (uint8 pixels must be scaled "
+         "and normalised first, e.g. with `prepare_images`)"),
+        (dict(x=x, n_steps=0), "n_steps=0: integrated gradients needs a whole number of steps of at least 1 (32 is the "
+         "default; more steps, a closer approximation)"),
+        (dict(x=x, method='occlusion', window=65), "window=65: the occlusion window must be a whole number of pixels from 1 "
+         "to the image's shorter side (64); None: 1/8 of it"),
+        (dict(x=x, internal_batch_size=0), "internal_batch_size=0: give a whole number of images per pass of at least 1, "
+         "or None for all at once"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError) as e: attribute(model, **kwargs)
+        assert str(e.value) == message
+    with pytest.raises(ValueError) as e: attribute(torch.nn.Conv2d(3, 1, 1), x, 'gradcam', layer='dem3')
+    assert str(e.value) == ("layer='dem3' names a part of DS2Net, and the model is a Conv2d: pass the layer itself, e.g. "
+                            "layer=model.<block>")
+    conv = torch.nn.Conv2d(3, 1, 3, padding=1)  # any network, with its own layer: Grad-CAM works
+    assert attribute(torch.nn.Sequential(conv), x, 'gradcam', layer=conv).shape == (2, 1, 64, 64)

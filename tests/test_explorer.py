@@ -55,3 +55,24 @@ def test_explore_inputs_and_errors(learn):
     with pytest.raises(ValueError, match='give the images to explore'): explore(learn.model)
     with pytest.raises(ValueError, match="Unknown view 'edges'"): explore(learn, view='edges')
     with pytest.raises(TypeError, match='need a DS2Net'): explore(torch.nn.Conv2d(3, 1, 1), x)
+
+
+def test_explore_refuses_what_would_fail_later(learn):
+    "Issue 16, item 16: an empty set, fewer masks than images, masks of another size, numpy input, n=0: refused at once."
+    model = learn.model
+    x = torch.randn(3, 3, 64, 64)
+    cases = [
+        (((x, torch.zeros(2, 64, 64)),), {}, "explore: data holds 3 image(s) and 2 mask(s): give one mask per image"),
+        ((x[:0],), {}, "data must be a batch (B, C, H, W) of at least one image, got shape (0, 3, 64, 64)"),
+        (([],), {}, "explore: data holds no images; give at least one"),
+        ((x,), dict(n=0), "n=0: explore at least one image (a whole number)"),
+        (((x, torch.zeros(3, 32, 32)),), {}, "y must hold one (H, W) mask per image: 3 image(s) of 64x64, got masks of "
+                                              "shape (3, 32, 32)"),
+        ((np.zeros((1, 3, 64, 64), np.float32),), {}, "data is a numpy.ndarray: give a torch tensor (B, 3, H, W) of "
+         "normalised images, e.g. `prepare_images(images, config)` (ds2net.inference) or a batch of the Learner's DataLoaders"),
+    ]
+    for args, kwargs, message in cases:
+        with pytest.raises(ValueError) as e: explore(model, *args, **kwargs)
+        assert str(e.value) == message
+    ex = explore(model, (x, torch.zeros(3, 1, 64, 64)))  # (N, 1, H, W) masks are taken as they come
+    assert ex.y.shape == (3, 64, 64)

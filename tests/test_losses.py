@@ -237,3 +237,20 @@ def test_pixel_uncertainty_is_the_formula_the_weights_use():
     torch.testing.assert_close(pixel_uncertainty(p), torch.tensor([0., 0.2, 1., 0.5, 0.]))
     logits = torch.randn(2, 1, 8, 8)
     torch.testing.assert_close(side_output_uncertainty(logits), pixel_uncertainty(torch.sigmoid(logits)).mean())
+
+
+@pytest.mark.parametrize('t', [float('nan'), float('inf'), '1'])
+def test_a_temperature_that_is_not_a_finite_number_is_refused(t):
+    "Issue 16, item 16: temperature=nan made every weight NaN, and training blamed the learning rate."
+    from ds2net.errors import ParameterError
+    message = (f"temperature={t!r}: the temperature of the uncertainty softmax must be a positive, finite number (the "
+               f"paper's is 1)")
+    with pytest.raises(ParameterError) as e: DeepSupervisionLoss(temperature=t)
+    assert str(e.value) == message and e.value.param == 'temperature'
+    with pytest.raises(ParameterError) as e: uncertainty_weights([torch.zeros(1)], temperature=t)
+    assert str(e.value) == message
+    from ds2net.learner import ds2net_learner
+    from ds2net.data import segmentation_dls
+    dls = segmentation_dls('synthetic:polyp', size=64, bs=2, n=8, seed=0, device='cpu')
+    with pytest.raises(ParameterError) as e: ds2net_learner(dls, encoder='resnet10t', temperature=t)
+    assert str(e.value) == message

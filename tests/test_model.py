@@ -169,3 +169,17 @@ def test_fuse_side_outputs_takes_a_tuple_or_a_tensor():
     assert fuse_side_outputs(x) is x
     torch.testing.assert_close(fuse_side_outputs((x, 2 * x, -x)), 2 * x)
     torch.testing.assert_close(fuse_side_outputs([x]), x)
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(channels=0), "channels=0: the decoder's width must be a whole number of at least 1 (the paper's is 32)"),
+    (dict(channels=16.5), "channels=16.5: the decoder's width must be a whole number of at least 1 (the paper's is 32)"),
+    (dict(in_chans=0), "in_chans=0: the images' channels must be a whole number of at least 1 (3 for RGB)"),
+    (dict(drop_path_rate=1.0), "drop_path_rate=1.0: the stochastic depth is a probability in [0, 1) (or None for the default)"),
+    (dict(drop_path_rate=float('nan')), "drop_path_rate=nan: the stochastic depth is a probability in [0, 1) (or None for "
+                                        "the default)"),
+])
+def test_sizes_that_cannot_build_a_network_are_refused(kwargs, message):
+    "Issue 16, item 16: DS2Net(channels=0) used to build (and fail at the first forward pass)."
+    with pytest.raises(ValueError) as e: DS2Net(TINY_ENCODER, **kwargs)
+    assert str(e.value) == message
