@@ -4,9 +4,11 @@
 
 # %% auto #0
 __all__ = ['resolve_device', 'prepare_images', 'predict_probabilities', 'input_files', 'output_names', 'check_predict_out',
-           'overlay_image', 'predict_files']
+           'overlay_image', 'PredictionInterrupted', 'PredictionStopped', 'predict_files']
 
 # %% ../nbs/08_inference.ipynb #i0002
+import io, signal, threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +16,11 @@ import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 
-from .errors import ParameterError, ParameterPathError
+from .errors import ParameterError, ParameterPathError, ParameterMessage, check, is_whole
 from .files import (IMAGE_EXTS, image_files, names_text, check_out_folder, make_out_folder, remove_if_empty,
-                          dataset_images_beside)
+                          dataset_images_beside, atomic_write, real_path)
 from .viz import PRED_COLOR, overlay_rgb
-from .data import read_image
+from .data import read_image, DatasetError
 from .model import DS2Net, fuse_side_outputs
 from .checkpoint import model_from_checkpoint  # the network a checkpoint describes (re-exported here)
 
@@ -95,22 +97,25 @@ def output_names(files,              # the input image paths
     return names
 
 # %% ../nbs/08_inference.ipynb #i0010
-def check_predict_out(files, out:str|Path, overlay:bool=False, overwrite:bool=False)->list:
-    "Refuse an output folder that is the input's, a data set's masks folder, or that holds files of the names to write (unless `overwrite`); returns the names."
-    out = check_out_folder(out, 'out', 'for the masks')
-    if out.resolve() in {f.parent.resolve() for f in files}:
-        raise ParameterError('out', "{out=given} is the input folder: choose another folder (ds2net never writes over your "
-                             "images)", given=out)
-    images = dataset_images_beside(out)
-    if images is not None:
-        raise ParameterError('out', "{out=given} is the masks folder of a data set (its images are in {images}): predictions "
-                             "never go there, not even with {overwrite=True}, since they would replace the ground truth; "
-                             "choose another folder, e.g. {other}", given=out, images=images, other=out.parent/'predictions')
+def check_predict_out(files,                # the input images (`input_files`)
+                      out:str|Path,         # the folder for the masks
+                      overlay:bool=False,   # overlays are written too
+                      overwrite:bool=False, # replace files of the names to write
+                      inp:str|Path|None=None, # what was given as input (a file or folder); default: the files' folders
+                     )->list:
+    "Refuse, before any work, an output folder that is or holds an input, a data set's masks folder (also through a link), or that holds links, folders or (unless `overwrite`) files of the names to write; returns the names."
     names = output_names(files, overlay)
-    existing = [n for pair in names for n in pair if n and (out/n).exists()]
-    if existing and not overwrite:
-        raise ParameterError('out', "{out=given} already holds {names}: ds2net never replaces a file unless asked; pass "
-                             "{overwrite=True} to replace them, or choose another {out}", given=out, names=names_text(existing))
+    inputs = {'inp': inp if inp is not None else sorted({Path(f).parent for f in files})}
+    real = check_out_folder(out, 'out', 'for the masks', names=[n for pair in names for n in pair if n],
+                            overwrite=overwrite, inputs=inputs)
+    images = dataset_images_beside(real)  # the folder with its links resolved: a link to a masks folder is that folder
+    if images is not None:
+        given = Path(out).expanduser().absolute()
+        link = '' if real == real_path(given.parent)/given.name else f' (a link to {real})'
+        raise ParameterError('out', "{out=given}{link} is the masks folder of a data set (its images are in {images}): "
+                             "predictions never go there, not even with {overwrite=True}, since they would replace the "
+                             "ground truth; choose another folder, e.g. {other}",
+                             given=out, link=link, images=images, other=real.parent/'predictions')
     return names
 
 # %% ../nbs/08_inference.ipynb #i0013
@@ -121,31 +126,94 @@ def overlay_image(image:np.ndarray, # (H, W, 3) uint8 image
     "The image with the predicted mask (probability > 0.5) tinted and outlined in the prediction's colour."
     return overlay_rgb(image, prob > 0.5, PRED_COLOR, alpha)
 
+class PredictionInterrupted(ParameterMessage, KeyboardInterrupt):
+    "Prediction stopped by Ctrl-C: the message says how many masks (each with its overlay) were written, and how to finish."
+    def __init__(self, template:str, **values):
+        super().__init__(template)
+        self._set_message(template, values)
+
+class PredictionStopped(ParameterMessage, RuntimeError):
+    "Prediction stopped by an error (a write that failed, the device...): the message says it, what was written, and how to finish."
+    def __init__(self, template:str, **values):
+        super().__init__(template)
+        self._set_message(template, values)
+
+@contextmanager
+def _interrupts_held():
+    "Hold Ctrl-C (SIGINT) during the block and raise it after, so that what the block writes is complete (main thread only)."
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield; return
+    caught = []
+    signal.signal(signal.SIGINT, lambda *args: caught.append(args))
+    try: yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if caught: raise KeyboardInterrupt
+
+def _png(a:np.ndarray)->bytes:
+    from PIL import Image
+    buf = io.BytesIO(); Image.fromarray(a).save(buf, format='PNG'); return buf.getvalue()
+
+def _write_pair(out:Path, names:tuple, image:np.ndarray, prob:np.ndarray)->Path:
+    "Write one input's mask and overlay (if named): both complete or neither. Both are encoded first, then written (overlay first, so a mask implies its overlay) with Ctrl-C held."
+    mask_name, overlay_name = names
+    files = [(out/overlay_name, _png(overlay_image(image, prob)))] if overlay_name else []
+    files.append((out/mask_name, _png(np.round(prob * 255).astype(np.uint8))))
+    with _interrupts_held():
+        try:
+            for path, data in files: atomic_write(path, lambda f, data=data: f.write(data))
+        except BaseException:
+            for path, _ in files: path.unlink(missing_ok=True)  # never half a pair
+            raise
+    return out/mask_name
+
+# %% ../nbs/08_inference.ipynb #i0013b
+def _stopped(e:BaseException, n:int, total:int, out, overlay:bool, overwrite:bool):
+    "The error that says why prediction stopped after `n` of `total` inputs, what was written and how to finish (None: `e` as it is)."
+    what = 'masks and overlays' if overlay else 'masks'
+    done = (f"{{n}} of {{total}} images were predicted and their {what} written to {{out=given}}, each complete; the other "
+            f"{{left}} were not written" if n else "no file was written to {out=given}")
+    again = "run the same command again" + ("" if overwrite or not n else " with {overwrite=True} (it replaces the {n} written)")
+    finish = "; to finish the folder, " if n else "; "
+    values = dict(n=n, total=total, left=total - n, given=out)
+    if isinstance(e, KeyboardInterrupt):
+        return PredictionInterrupted("Prediction interrupted: " + done + finish + again, **values)
+    if isinstance(e, DatasetError):  # an input image that cannot be read
+        return ParameterError('inp', "{problem}. Prediction stopped at that image: " + done + "; once that image is fixed "
+                              "or moved out, " + again + (" to finish the folder" if n else ""), problem=str(e).rstrip('.'), **values)
+    if isinstance(e, (OSError, RuntimeError)):
+        return PredictionStopped("Prediction stopped by {why}: " + done + finish + again, why=f'{type(e).__name__}: {e}', **values)
+    return None
+
 def predict_files(checkpoint:str|Path, # a ds2net checkpoint (best.pth or last.pth)
                   inp:str|Path,        # an image file or a folder of images
                   out:str|Path,        # folder for the probability PNGs
                   overlay:bool=False,  # also write <name>_overlay.png
-                  overwrite:bool=False,# replace files of the same names in `out` (never a data set's masks folder)
+                  overwrite:bool=False,# replace files of the same names in `out` (never a data set's masks folder, never a link)
                   bs:int=8, device=None)->list:
-    "Write `<out>/<name>.png` (probability × 255, at each input's own size) for every input image; returns the mask paths written."
-    from PIL import Image
+    "Write `<out>/<name>.png` (probability × 255, at each input's own size) for every input image, each with its overlay complete or absent; returns the mask paths written. Ctrl-C or a bad image stops it with a message that says what was written and how to finish."
+    check(is_whole(bs) and bs >= 1, 'bs', "{bs=given}: give the number of images per forward pass, a whole number of at least 1", given=bs)
     out = Path(out)
     files = input_files(inp)
-    names = check_predict_out(files, out, overlay, overwrite)
+    names = check_predict_out(files, out, overlay, overwrite, inp=inp)
     dev = resolve_device(device)
     created = make_out_folder(out)  # a folder that cannot be made or written is refused before the model is loaded
-    written = []
+    written, started = [], False
     try:
         model, config = model_from_checkpoint(checkpoint)
         model.to(dev)
+        started = True
         for i in range(0, len(files), bs):
-            chunk, chunk_names = files[i:i + bs], names[i:i + bs]
-            images = [read_image(f) for f in chunk]
-            for (mask_name, overlay_name), im, prob in zip(chunk_names, images, predict_probabilities(model, images, config, bs=bs)):
-                Image.fromarray(np.round(prob * 255).astype(np.uint8)).save(out/mask_name)
-                written.append(out/mask_name)
-                if overlay_name: Image.fromarray(overlay_image(im, prob)).save(out/overlay_name)
-    except BaseException:
+            images, bad = [], None
+            for f in files[i:i + bs]:  # the images before a bad one are still predicted and written
+                try: images.append(read_image(f))
+                except DatasetError as e: bad = e; break
+            probs = predict_probabilities(model, images, config, bs=bs) if images else []
+            for pair, im, prob in zip(names[i:i + bs], images, probs): written.append(_write_pair(out, pair, im, prob))
+            if bad is not None: raise bad
+    except BaseException as e:
         remove_if_empty(out, created)  # a failed prediction leaves no empty folder behind
-        raise
+        stop = _stopped(e, len(written), len(files), out, overlay, overwrite) if started else None
+        if stop is None: raise
+        raise stop from e
     return written
