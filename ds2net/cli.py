@@ -83,7 +83,9 @@ def _evaluate_args(e):
     from ds2net.evaluate import evaluate_checkpoint as f
     e.add_argument('--model', dest='checkpoint', required=True, help='a ds2net checkpoint (best.pth)')
     e.add_argument('--data', required=True, nargs='+', help='test folders (or folders of test sets), or synthetic:<kind>')
-    e.add_argument('--out', dest='csv', default=None, help='write the table to this CSV')
+    e.add_argument('--out', dest='csv', default=None, help='also write the table to this new CSV file (checked before any work)')
+    e.add_argument('--overwrite', action='store_true', help='replace the CSV file of --out if it exists (refused without it)')
+    e.add_argument('--bs', type=int, default=_default(f, 'bs'), help=f"images per forward pass, what memory holds at once (default {_default(f, 'bs')})")
     e.add_argument('--n-synthetic', type=int, default=_default(f, 'n_synthetic'), help=f"images of a synthetic test set (default {_default(f, 'n_synthetic')})")
     e.add_argument('--threshold', dest='gt_threshold', type=int, default=_default(f, 'gt_threshold'),
                    help=f"mask values above this are foreground (default {_default(f, 'gt_threshold')}; 127 for JPEG masks)")
@@ -133,7 +135,8 @@ def _bench_args(b):
     b.add_argument('--compile', action='store_true', help="the library's network through torch.compile")
     b.add_argument('--workers', type=_ints, default=d('workers'), help='DataLoader workers to time, e.g. 0,2 (empty string: skip)')
     b.add_argument('--no-authors', dest='authors', action='store_false', help="time the library's step only")
-    b.add_argument('--json', default=None, help='write the JSON to this file (default: stdout)')
+    b.add_argument('--json', default=None, help='write the JSON to this new .json file, checked before the benchmark runs (default: stdout)')
+    b.add_argument('--overwrite', action='store_true', help='replace the file of --json if it exists (refused without it)')
 
 def _demo_args(d):
     d.add_argument('--out', default='outputs/demo', help="the demo's folder (default outputs/demo): running the demo again "
@@ -195,8 +198,8 @@ def _train(args):
 def _evaluate(args):
     import pandas as pd
     from ds2net.evaluate import evaluate_checkpoint
-    table = evaluate_checkpoint(args.checkpoint, args.data, csv=args.csv, n_synthetic=args.n_synthetic, device=args.device,
-                                gt_threshold=args.gt_threshold)
+    table = evaluate_checkpoint(args.checkpoint, args.data, csv=args.csv, n_synthetic=args.n_synthetic, bs=args.bs,
+                                device=args.device, gt_threshold=args.gt_threshold, overwrite=args.overwrite)
     with pd.option_context('display.width', 200, 'display.max_columns', 20): print(table.round(4).to_string())
     if args.csv: print(f'written to {args.csv}')
 
@@ -227,13 +230,21 @@ def _validate(args):
 # %% ../nbs/14_cli.ipynb #c0009b
 def _bench(args):
     from ds2net.bench import run_bench
-    from ds2net.files import atomic_write_text
-    res = run_bench(args.device, encoder=args.encoder, size=args.size, bs=args.bs, precision=args.precision, steps=args.steps,
-                    warmup=args.warmup, channels_last=args.channels_last, compile=args.compile, workers=args.workers,
-                    authors=args.authors)
+    from ds2net.files import atomic_write_text, check_out_file, make_out_folder, remove_if_empty
+    dest = created = None
+    if args.json:  # checked, and its folder made and written in, before the benchmark runs: never over a checkpoint
+        dest = check_out_file(args.json, 'json', args.overwrite, suffixes=('.json',), what='the benchmark report',
+                              example='bench.json')
+        created = make_out_folder(dest.parent, 'json')
+    try: res = run_bench(args.device, encoder=args.encoder, size=args.size, bs=args.bs, precision=args.precision, steps=args.steps,
+                         warmup=args.warmup, channels_last=args.channels_last, compile=args.compile, workers=args.workers,
+                         authors=args.authors)
+    except BaseException:
+        if dest is not None: remove_if_empty(dest.parent, created)
+        raise
     text = json.dumps(res, indent=2, allow_nan=False)
     if not args.json: print(text); return
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True); atomic_write_text(args.json, text + '\n')
+    atomic_write_text(dest, text + '\n')
     print(f"library step {res['library']['step_s']:.3f} s" + (f", authors' {res['authors']['step_s']:.3f} s, train_speedup "
           f"{res['train_speedup']:.2f}, infer_speedup {res['infer_speedup']:.2f}" if 'authors' in res else '') + f"; written to {args.json}")
 

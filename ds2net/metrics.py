@@ -19,7 +19,7 @@ from fastcore.basics import store_attr
 from py_sod_metrics import (MAE, DICEHandler, Emeasure, FmeasureV2, IOUHandler, Smeasure, TNRHandler, TPRHandler,
                             WeightedFmeasure)
 
-from .files import atomic_write_text
+from .files import atomic_write_text, check_out_file
 
 # %% ../nbs/09_metrics.ipynb #c0005
 METRIC_NAMES = ('meanDic', 'meanIoU', 'wFm', 'Sm', 'meanEm', 'maxEm', 'MAE',
@@ -159,12 +159,15 @@ def evaluate_set(preds, # iterable of (H, W) probability maps, each at its groun
 
 # %% ../nbs/09_metrics.ipynb #c0032
 def evaluation_table(sets:Mapping, # test-set name -> (preds, gts), a filled `SegmentationEvaluator` or a results dict
-                     csv:str|Path|None=None, # when given, also write the table to this CSV file (overwritten)
+                     csv:str|Path|None=None, # when given, also write the table to this new .csv file
                      field_specificity:bool=False, # for sets given as (preds, gts): the field's specificity convention
+                     overwrite:bool=False, # replace an existing `csv`
                     )->pd.DataFrame: # one row per test set, columns `METRIC_NAMES` then `n`
-    "The paper's table: one row per test set, the 13 metrics as columns, optionally written to `csv`."
+    "The paper's table: one row per test set, the 13 metrics as columns, optionally written to `csv` (checked before any work)."
     if not isinstance(sets, Mapping) or not sets:
         raise ValueError("sets must be a non-empty mapping of test-set name -> (preds, gts), evaluator or results dict")
+    if csv is not None:
+        csv = check_out_file(csv, 'csv', overwrite, suffixes=('.csv',), what='the metrics table', example='metrics.csv')
     rows = {}
     for name, s in sets.items():
         if isinstance(s, SegmentationEvaluator): rows[name] = s.results()
@@ -180,7 +183,6 @@ def evaluation_table(sets:Mapping, # test-set name -> (preds, gts), a filled `Se
     df['n'] = df['n'].astype('Int64')
     df.index.name = 'dataset'
     if csv is not None:
-        csv = Path(csv)
         csv.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(csv, df.to_csv())  # a table is replaced whole or not at all
     return df

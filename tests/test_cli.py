@@ -424,3 +424,95 @@ def test_help_validate_and_synth_import_nothing_heavy(synthetic_folder, tmp_path
         assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == '[]', (args, r.stdout[-300:], r.stderr[-300:])
     r = subprocess.run([sys.executable, '-c', "import sys, ds2net.cli; print('torch' in sys.modules)"], capture_output=True, text=True)
     assert r.stdout.strip() == 'False'  # importing the command line itself imports no torch
+
+
+# ------------------------------------------------------------------ issue 16: outputs guarded, evaluate checked first
+
+def test_evaluate_out_never_replaces_a_file(logged_run, synthetic_folder, tmp_path, capsys):
+    "Item 2: `--out` over a checkpoint, a mask, an old table or into the data is refused before any prediction."
+    run, _ = logged_run
+    best = run / 'best.pth'
+    mask = sorted((synthetic_folder / 'masks').iterdir())[0]
+    old = tmp_path / 'table.csv'; old.write_text('my table')
+    before = {p: md5(p) for p in (best, mask, old)}
+    cmd = ['evaluate', '--model', str(best), '--data', str(synthetic_folder), '--device', 'cpu', '--out']
+    for out, message in [
+            (best, f'--out {best}: the metrics table is written as .csv; give a file name ending in .csv'),
+            (mask, f'--out {mask}: the metrics table is written as .csv; give a file name ending in .csv'),
+            (synthetic_folder / 'masks' / 't.csv', f"--out {synthetic_folder / 'masks' / 't.csv'} is inside --data "
+             f"{synthetic_folder}, an input of this command: ds2net never writes into its inputs; choose another --out"),
+            (run, f'--out {run} is a folder: give the name of a file for the metrics table, e.g. {run / "metrics.csv"}'),
+            (old, f'--out {old} already exists: ds2net never replaces a file unless asked; pass --overwrite to replace it, '
+                  'or choose another --out')]:
+        assert main(cmd + [str(out)]) == 1
+        err = capsys.readouterr()
+        assert err.err == f'ds2net evaluate: error: {message}\n' and err.out == ''  # nothing evaluated
+    assert {p: md5(p) for p in before} == before
+    assert main(cmd + [str(old), '--overwrite']) == 0
+    assert capsys.readouterr().out.endswith(f'written to {old}\n')
+    assert pd.read_csv(old, index_col=0)['n'].tolist() == [16]
+
+
+def test_bench_json_never_replaces_a_file(tmp_path, capsys, monkeypatch):
+    "Item 2: `bench --json` over a checkpoint or an old report is refused before the benchmark runs."
+    import ds2net.bench
+    real, runs = ds2net.bench.run_bench, []
+    @functools.wraps(real)
+    def fake(*a, **k):
+        runs.append(a); return {'library': {'step_s': 0.5}}
+    monkeypatch.setattr(ds2net.bench, 'run_bench', fake)
+    victim = tmp_path / 'best.pth'; victim.write_bytes(b'weights')
+    old = tmp_path / 'bench.json'; old.write_text('{"mine": 1}')
+    for path, message in [(victim, f'--json {victim}: the benchmark report is written as .json; give a file name ending in .json'),
+                          (old, f'--json {old} already exists: ds2net never replaces a file unless asked; pass --overwrite to '
+                                'replace it, or choose another --json')]:
+        assert main(['bench', '--device', 'cpu', '--json', str(path)]) == 1
+        assert capsys.readouterr().err == f'ds2net bench: error: {message}\n'
+    assert runs == [] and victim.read_bytes() == b'weights' and old.read_text() == '{"mine": 1}'
+    assert main(['bench', '--device', 'cpu', '--json', str(old), '--overwrite']) == 0
+    assert strict_json(old.read_text()) == {'library': {'step_s': 0.5}} and len(runs) == 1
+
+
+WRITERS = {'train': 'out', 'evaluate': 'csv', 'predict': 'out', 'synth': 'out', 'convert': 'out', 'bench': 'json'}
+
+
+def test_every_command_that_writes_has_overwrite():
+    "Item 2, the class: a command with an output has --overwrite (a new command that writes must be listed here)."
+    sub = build_parser()._subparsers._group_actions[0].choices
+    outputs = {name for name, p in sub.items() if {a.dest for a in p._actions} & {'out', 'csv', 'json'}}
+    assert outputs - {'demo'} == set(WRITERS)  # demo writes only its own files in its own folder (issue 16 item 5)
+    for name, dest in WRITERS.items():
+        overwrite = [a for a in sub[name]._actions if a.dest == 'overwrite']
+        assert len(overwrite) == 1 and overwrite[0].option_strings == ['--overwrite'] and overwrite[0].const is True, name
+        assert overwrite[0].default is False, name
+
+
+def test_evaluate_warns_about_jpeg_masks_and_checks_sizes_first(logged_run, synthetic_folder, tmp_path, capsys):
+    "Items 8 and 14: the warning training gives; a mask of another size named before any prediction."
+    run, _ = logged_run
+    data = tmp_path / 'jpeg'; shutil.copytree(synthetic_folder, data)
+    for m in sorted((data / 'masks').iterdir()): Image.open(m).save(m.with_suffix('.jpg'), quality=75); m.unlink()
+    with pytest.warns(UserWarning) as caught:
+        assert main(['evaluate', '--model', str(run / 'best.pth'), '--data', str(data), '--device', 'cpu']) == 0
+    message = [str(w.message) for w in caught if str(w.message).startswith(str(data))]
+    assert len(message) == 1 and message[0].startswith(f'{data}: 16 warning(s), e.g. {data / "masks" / "polyp_00000.jpg"}: mask has ')
+    assert 'grey levels (lossy JPEG or anti-aliased edges?)' in message[0]
+    assert 'meanDic' in capsys.readouterr().out  # a warning, not an error: the table is printed
+    mask = data / 'masks' / 'polyp_00002.jpg'
+    Image.open(mask).resize((48, 40)).save(mask)
+    assert main(['evaluate', '--model', str(run / 'best.pth'), '--data', str(data), '--device', 'cpu']) == 1
+    out = capsys.readouterr()
+    assert out.out == '' and out.err.endswith(
+        f"ds2net evaluate: error: {data}: 1 error(s) in the data set (run `ds2net validate {data}` for the full report):\n"
+        f"  - {mask}: mask is 48x40 but its image {data / 'images' / 'polyp_00002.png'} is 64x64; make them the same size "
+        "(resize the mask with nearest-neighbour) or remove the pair\n")
+
+
+def test_evaluate_a_dsb2018_download_says_convert_it_first(logged_run, tmp_path, capsys):
+    "Item 14: one line, not one line per id."
+    dsb = ds2net.data.write_example_layout('dsb2018', tmp_path / 'dsb', n=40)
+    assert main(['evaluate', '--model', str(logged_run[0] / 'best.pth'), '--data', str(dsb), '--device', 'cpu']) == 1
+    assert capsys.readouterr().err == (
+        f"ds2net evaluate: error: --data {dsb} is a DSB2018 download (one sub-folder per id, each holding images/ and "
+        f"masks/), not a test set in the images/masks layout: convert it first (`ds2net convert --from dsb2018 {dsb} --out "
+        "<new folder>`, or `convert_dsb2018` in Python) and evaluate the converted folder\n")

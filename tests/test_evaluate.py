@@ -107,3 +107,143 @@ def test_check_data_source_names_the_parameter(tmp_path):
     with pytest.raises(ParameterError, match=r"^test_set='synthetic:x': use one of synthetic:polyp"):
         check_data_source('synthetic:x', 'test_set')
     assert check_data_source(str(tmp_path)) is None and check_data_source('synthetic:polyp') == 'polyp'
+
+
+# ------------------------------------------------------------------ evaluate_checkpoint: checked first, streamed (issue 16)
+
+import warnings
+import pandas as pd
+import torch
+import ds2net.evaluate
+from ds2net.checkpoint import save_checkpoint
+from ds2net.data import DatasetError, load_samples, write_example_layout
+from ds2net.errors import ParameterError, WeightsError
+from ds2net.evaluate import evaluate_checkpoint
+from ds2net.metrics import METRIC_NAMES, SegmentationEvaluator
+from ds2net.model import DS2Net, TINY_ENCODER
+from support import md5
+
+
+@pytest.fixture(scope='module')
+def tiny_checkpoint(tmp_path_factory):
+    "An untrained tiny DS2Net saved with the library (64 px): enough to evaluate, quick to build."
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp('ckpt') / 'best.pth'
+    return save_checkpoint(path, DS2Net(TINY_ENCODER, pretrained=False),
+                           config=dict(size=64, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]))
+
+
+@pytest.fixture
+def nothing_predicted(monkeypatch):
+    "Fail the test if a network is built or a prediction made."
+    def built(*a, **k): raise AssertionError('a network was built or an image predicted before the checks')
+    monkeypatch.setattr(ds2net.evaluate, 'model_from_checkpoint', built)
+    monkeypatch.setattr(ds2net.evaluate, 'predict_probabilities', built)
+
+
+def test_evaluate_csv_is_checked_before_any_work(tiny_checkpoint, tmp_path, nothing_predicted):
+    "Item 2: never over a checkpoint, a mask or an old table; a folder or an unwritable place is found before the work."
+    root = write_example_layout('pairs', tmp_path / 'set')
+    mask = sorted((root / 'masks').iterdir())[0]
+    old = tmp_path / 'old.csv'; old.write_text('my table')
+    afile = tmp_path / 'afile'; afile.write_text('mine')
+    before = {p: md5(p) for p in [tiny_checkpoint, mask, old, afile]}
+    cases = [
+        (tiny_checkpoint, f"csv={str(tiny_checkpoint)!r}: the metrics table is written as .csv; give a file name ending in .csv"),
+        (mask, f"csv={str(mask)!r}: the metrics table is written as .csv; give a file name ending in .csv"),
+        (root / 'masks' / 'new.csv', f"csv={str(root / 'masks' / 'new.csv')!r} is inside data={str(root)!r}, an input of this "
+                                     "command: ds2net never writes into its inputs; choose another csv"),
+        (tmp_path, f"csv={str(tmp_path)!r} is a folder: give the name of a file for the metrics table, e.g. "
+                   f"{tmp_path / 'metrics.csv'}"),
+        (old, f"csv={str(old)!r} already exists: ds2net never replaces a file unless asked; pass overwrite=True to replace "
+              "it, or choose another csv"),
+        (afile / 't.csv', f"csv={str(afile / 't.csv')!r}: {afile} is a file, so no folder can be made inside it; choose "
+                          "another csv"),
+    ]
+    for csv, message in cases:
+        with pytest.raises(ParameterError) as e: evaluate_checkpoint(tiny_checkpoint, str(root), csv=csv, device='cpu')
+        assert str(e.value) == message and e.value.param == 'csv'
+    assert {p: md5(p) for p in before} == before
+
+
+def test_evaluate_overwrite_replaces_the_table(tiny_checkpoint, tmp_path):
+    old = tmp_path / 'old.csv'; old.write_text('my table')
+    table = evaluate_checkpoint(tiny_checkpoint, 'synthetic:polyp', csv=old, n_synthetic=3, device='cpu', overwrite=True)
+    back = pd.read_csv(old, index_col=0)
+    assert list(back.columns) == [*METRIC_NAMES, 'n'] and back['n'].tolist() == [3]
+    np.testing.assert_allclose(back[list(METRIC_NAMES)].values, table[list(METRIC_NAMES)].values.astype(float), rtol=1e-12)
+    made = tmp_path / 'new' / 'deeper'
+    with pytest.raises(WeightsError, match='^ds2net checkpoint not found'):  # the folders made for the table are removed
+        evaluate_checkpoint(tmp_path / 'none.pth', 'synthetic:polyp', csv=made / 't.csv', n_synthetic=1)
+    assert not (tmp_path / 'new').exists()
+
+
+def test_evaluate_arguments_are_checked_first(tiny_checkpoint, nothing_predicted):
+    for kwargs, message in [(dict(bs=0), 'bs=0: the batch size must be a whole number of at least 1'),
+                            (dict(n_synthetic=0), 'n_synthetic=0: a synthetic test set needs a whole number of at least 1 image'),
+                            (dict(gt_threshold=255), 'gt_threshold=255: use a whole number from 0 to 254 (mask values above it '
+                                                     'are foreground)')]:
+        with pytest.raises(ParameterError) as e: evaluate_checkpoint(tiny_checkpoint, 'synthetic:polyp', **kwargs)
+        assert str(e.value) == message
+
+
+def _warning_of(fn):
+    "The one warning `fn()` gives (all others are errors of the test)."
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        result = fn()
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    return str(caught[0].message), result
+
+
+@pytest.mark.parametrize('kind', ['jpeg', '01_at_127'])
+def test_evaluate_warns_about_masks_as_training_does(tiny_checkpoint, tmp_path, kind):
+    "Item 8: JPEG masks read at threshold 0, or 0/1 masks read at 127 (every truth empty): the warning of training."
+    root = write_example_layout('pairs', tmp_path / 'set')
+    for m in sorted((root / 'masks').iterdir()):
+        if kind == 'jpeg': Image.open(m).save(m.with_suffix('.jpg'), quality=75); m.unlink()
+        else: write_png(m, (np.asarray(Image.open(m)) > 0).astype(np.uint8))
+    threshold = 0 if kind == 'jpeg' else 127
+    training, _ = _warning_of(lambda: load_samples(root, threshold=threshold))  # what `train` warns, by the same rule
+    assert ('mask has' in training and 'grey levels (lossy JPEG or anti-aliased edges?)' in training if kind == 'jpeg' else
+            'mask has non-zero pixels but none above threshold 127, so it counts as empty' in training), training
+    message, table = _warning_of(lambda: evaluate_checkpoint(tiny_checkpoint, str(root), gt_threshold=threshold, device='cpu'))
+    assert message == training
+    assert table['n'].tolist() == [4]
+
+
+def test_evaluate_checks_sizes_first_and_names_the_mask(tmp_path, tiny_checkpoint, nothing_predicted):
+    "Item 14: a mask that is not its image's size is named, with advice in plain words, before any prediction."
+    root = write_example_layout('pairs', tmp_path / 'set')
+    mask = sorted((root / 'masks').iterdir())[2]
+    Image.open(mask).resize((48, 40)).save(mask)
+    image = root / 'images' / mask.name
+    with pytest.raises(DatasetError) as e: evaluate_checkpoint(tiny_checkpoint, str(root), device='cpu')
+    assert str(e.value) == (f"{root}: 1 error(s) in the data set (run `ds2net validate {root}` for the full report):\n"
+                            f"  - {mask}: mask is 48x40 but its image {image} is 64x64; make them the same size (resize the "
+                            "mask with nearest-neighbour) or remove the pair")
+
+
+def test_evaluate_a_dsb2018_download_says_convert_it_first(tmp_path, tiny_checkpoint, nothing_predicted):
+    "Item 14: one message, not one line per id."
+    dsb = write_example_layout('dsb2018', tmp_path / 'dsb', n=40)
+    with pytest.raises(ParameterError) as e: evaluate_checkpoint(tiny_checkpoint, ['synthetic:polyp', str(dsb)], device='cpu')
+    assert e.value.param == 'data' and str(e.value) == (
+        f"data={str(dsb)!r} is a DSB2018 download (one sub-folder per id, each holding images/ and masks/), not a test set "
+        f"in the images/masks layout: convert it first (`ds2net convert --from dsb2018 {dsb} --out <new folder>`, or "
+        "`convert_dsb2018` in Python) and evaluate the converted folder")
+
+
+def test_evaluate_streams_one_batch_at_a_time(tiny_checkpoint, tmp_path, monkeypatch):
+    "Item 17: images are read, predicted and scored `bs` at a time; no list of every image or map is ever built."
+    root = write_example_layout('pairs', tmp_path / 'set', n=5)
+    expected = evaluate_checkpoint(tiny_checkpoint, str(root), bs=8, device='cpu')
+    events, predict, step, read = [], ds2net.evaluate.predict_probabilities, SegmentationEvaluator.step, ds2net.evaluate.read_image
+    monkeypatch.setattr(ds2net.evaluate, 'read_image', lambda p: events.append('read') or read(p))
+    monkeypatch.setattr(ds2net.evaluate, 'predict_probabilities',
+                        lambda model, images, *a, **k: events.append(f'predict {len(images)}') or predict(model, images, *a, **k))
+    monkeypatch.setattr(SegmentationEvaluator, 'step', lambda self, *a, **k: events.append('score') or step(self, *a, **k))
+    table = evaluate_checkpoint(tiny_checkpoint, str(root), bs=2, device='cpu')
+    assert events == ['read', 'read', 'predict 2', 'score', 'score'] * 2 + ['read', 'predict 1', 'score']
+    np.testing.assert_allclose(table[list(METRIC_NAMES)].values.astype(float),
+                               expected[list(METRIC_NAMES)].values.astype(float), atol=1e-6)  # the same table

@@ -271,6 +271,24 @@ def test_evaluation_table_and_csv_round_trip(tmp_path):
     np.testing.assert_allclose(back.values, df.values.astype(float), rtol=1e-12)
 
 
+
+def test_evaluation_table_never_replaces_a_file_unasked(tmp_path):
+    "Issue 16 item 2: an existing file, or one that is not a .csv (a checkpoint, a mask), is refused before any metric."
+    from ds2net.errors import ParameterError
+    a = random_cases(seed=12, n=2)
+    old, ckpt = tmp_path / 'table.csv', tmp_path / 'best.pth'
+    old.write_text('my table'); ckpt.write_bytes(b'weights')
+    class Untouchable:  # a set that fails when it is evaluated: the check comes before
+        def __iter__(self): raise AssertionError('evaluated before the output was checked')
+    for csv, message in [(old, f"csv={str(old)!r} already exists: ds2net never replaces a file unless asked; pass "
+                                "overwrite=True to replace it, or choose another csv"),
+                         (ckpt, f"csv={str(ckpt)!r}: the metrics table is written as .csv; give a file name ending in .csv")]:
+        with pytest.raises(ParameterError) as e: evaluation_table({'a': (Untouchable(), Untouchable())}, csv=csv)
+        assert str(e.value) == message
+    assert old.read_text() == 'my table' and ckpt.read_bytes() == b'weights'
+    df = evaluation_table({'a': a}, csv=old, overwrite=True)
+    np.testing.assert_allclose(pd.read_csv(old, index_col='dataset').values, df.values.astype(float), rtol=1e-12)
+
 def test_evaluation_table_field_specificity_and_errors():
     a = random_cases(seed=14, n=2)
     assert (evaluation_table({'a': a}, field_specificity=True).loc['a', 'meanSpe']
