@@ -18,7 +18,7 @@ from .errors import check, is_whole
 from .model import SIDE_OUTPUT_NAMES
 from .scores import dice_at
 from .learner import data_config
-from .stage_maps import StageMaps, stage_maps, check_images, _check_ds2net
+from .stage_maps import StageMaps, stage_maps, check_images, _check_ds2net, SIGNAL_VIEWS, uncertainty_signals
 from .attribution import ATTRIBUTION_METHODS, attribute, explanation_target, scale_attribution
 from .viz import show_map, show_truth, show_prediction, colorbar, outline_legend
 
@@ -28,7 +28,8 @@ ATTRIBUTION_VIEWS = {f'attribution: {m.replace("_", " ")}': m for m in ATTRIBUTI
 def _view_names()->list:
     return ([f'detail mask {k}' for k in (1, 2, 3)] + [f'semantic mask {k}' for k in (1, 2, 3)]
             + [f'side output {n}' for n in SIDE_OUTPUT_NAMES] + ['fused probability']
-            + [f'uncertainty {n}' for n in SIDE_OUTPUT_NAMES] + ['uncertainty (fused)'] + list(ATTRIBUTION_VIEWS))
+            + [f'uncertainty {n}' for n in SIDE_OUTPUT_NAMES] + ['uncertainty (fused)'] + list(SIGNAL_VIEWS)
+            + list(ATTRIBUTION_VIEWS))
 
 def _controls(n:int, views:list, view:str)->tuple:
     "The explorer's three widgets: a slider over the `n` images, the menu of maps, a threshold slider."
@@ -37,8 +38,10 @@ def _controls(n:int, views:list, view:str)->tuple:
             widgets.FloatSlider(value=0.5, min=0.01, max=0.99, step=0.01, description='threshold', continuous_update=False))
 
 def view_kind(view:str)->str:
-    "The figure style's kind of map for a menu entry: 'attribution', 'uncertainty' or 'mask'."
-    return 'attribution' if view in ATTRIBUTION_VIEWS else 'uncertainty' if view.startswith('uncertainty') else 'mask'
+    "The figure style's kind of map for a menu entry: 'attribution', 'variance', 'uncertainty' or 'mask'."
+    if view in ATTRIBUTION_VIEWS: return 'attribution'
+    if view in SIGNAL_VIEWS: return 'variance'
+    return 'uncertainty' if view.startswith('uncertainty') else 'mask'
 
 def view_figure(maps:StageMaps,        # `stage_maps` of one image
                 shown,                 # (H, W) the map to show
@@ -87,7 +90,7 @@ class Explorer:
         self.model, self.x, self.y, self.mean, self.std, self.figsize = model, x, y, mean, std, figsize
         self.views = _view_names()
         check(view in self.views, 'view', "Unknown view {given!r}: choose one of {views}", given=view, views=', '.join(self.views))
-        self._maps, self._attr = {}, {}   # caches: image index -> StageMaps; (index, method) -> attribution
+        self._maps, self._attr, self._signals = {}, {}, {}  # caches: index -> StageMaps; (index, method) -> attribution; index -> variances
         self.index, self.view, self.threshold = _controls(len(self.x), self.views, view)
         self.image, self.status = widgets.Image(format='png'), widgets.HTML()
         self.widget = widgets.VBox([widgets.HBox([self.index, self.view, self.threshold]), self.image, self.status])
@@ -114,10 +117,17 @@ class Explorer:
             self._attr[i, method] = scale_attribution(a)[0, 0]
         return self._attr[i, method]
 
+    def signals_of(self, i:int)->dict:
+        "TTA variance, MC-dropout variance and side-output disagreement of image `i` (computed on demand, once)."
+        if i not in self._signals:
+            self._signals[i] = {k: v[0, 0] for k, v in uncertainty_signals(self.model, self.x[i:i + 1]).items()}
+        return self._signals[i]
+
     def current(self)->np.ndarray:
         "The (H, W) map now shown."
         i, view = self.index.value, self.view.value
         if view in ATTRIBUTION_VIEWS: return self.attribution_of(i, ATTRIBUTION_VIEWS[view]).numpy()
+        if view in SIGNAL_VIEWS: return self.signals_of(i)[view].numpy()
         return self.maps_of(i).maps()[view][0, 0].numpy()
 
     def figure(self):
@@ -133,8 +143,8 @@ class Explorer:
         self.image.value = buf.getvalue()
         self.shown = self.current()
         self.draws += 1
-        self.status.value = (f'<small>{len(self._maps)} image(s) and {len(self._attr)} attribution(s) computed '
-                             f'and cached</small>')
+        self.status.value = (f'<small>{len(self._maps)} image(s), {len(self._attr)} attribution(s) and the variances of '
+                             f'{len(self._signals)} image(s) computed and cached</small>')
 
     def _repr_mimebundle_(self, **kwargs): return self.widget._repr_mimebundle_(**kwargs)
 

@@ -25,6 +25,7 @@ SERIES_COLORS = ('#0072b2', '#e69f00', '#009e73', '#d55e00', '#cc79a7', '#56b4e9
 MAP_KINDS = {  # kind of map -> (colour map, lowest, highest, colour-bar label)
     'mask': (MASK_CMAP, 0., 1., 'mask value / probability'),
     'uncertainty': (UNCERTAINTY_CMAP, 0., 1., 'uncertainty 1 − |p − 0.5|/0.5'),
+    'variance': (UNCERTAINTY_CMAP, 0., 0.25, 'variance of the probability (at most 0.25)'),
     'attribution': (ATTRIBUTION_CMAP, -1., 1., 'attribution (signed, scaled to ±1)'),
 }
 
@@ -38,6 +39,8 @@ def color_scheme()->list:
         row('uncertainty', 'sequential colour map with a colour bar', 'magma', UNCERTAINTY_CMAP, '0 to 1, fixed'),
         row('signed attribution', 'diverging colour map, white at 0, over the image in grey', 'red for, blue against',
             ATTRIBUTION_CMAP, '−1 to 1, scaled as captum does'),
+        row('variance (TTA, MC dropout, side outputs)', 'the uncertainty\'s colour map, on the variance\'s range', 'magma',
+            UNCERTAINTY_CMAP, '0 to 0.25 (a probability\'s largest variance), fixed'),
         row('curves and bars', 'one colour per series, in this order', 'blue, orange, green, vermillion, purple, sky blue, black',
             ', '.join(SERIES_COLORS), '–'),
         row('errors at a threshold', 'hits, false alarms, misses', 'white, cyan, yellow', f'{HIT_COLOR}, {PRED_COLOR}, {GT_COLOR}', 'binary'),

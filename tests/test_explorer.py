@@ -41,7 +41,7 @@ def test_explorer_redraws_on_every_widget_change_and_caches(learn):
     png, draws = ex.image.value, ex.draws
     ex.threshold.value = 0.95
     assert ex.draws == draws + 1 and ex.image.value != png
-    assert 'image(s) and 2 attribution(s)' in ex.status.value
+    assert '2 image(s), 2 attribution(s) and the variances of 0 image(s)' in ex.status.value
     bundle = ex._repr_mimebundle_()
     assert 'application/vnd.jupyter.widget-view+json' in bundle
 
@@ -76,3 +76,20 @@ def test_explore_refuses_what_would_fail_later(learn):
         assert str(e.value) == message
     ex = explore(model, (x, torch.zeros(3, 1, 64, 64)))  # (N, 1, H, W) masks are taken as they come
     assert ex.y.shape == (3, 64, 64)
+
+
+def test_the_other_uncertainty_signals_are_views_computed_on_demand(learn):
+    "Issue 19: TTA variance, MC-dropout variance and side-output disagreement in the menu, computed once per image."
+    from ds2net.explorer import view_kind
+    from ds2net.stage_maps import SIGNAL_VIEWS, uncertainty_signals
+    ex = explore(learn, n=3)
+    assert set(SIGNAL_VIEWS) <= set(ex.view.options) and len(ex._signals) == 0
+    ex.index.value = 1
+    for name in SIGNAL_VIEWS:
+        ex.view.value = name
+        assert view_kind(name) == 'variance' and list(ex._signals) == [1]
+        expected = uncertainty_signals(learn.model, ex.x[1:2])[name][0, 0].numpy()
+        np.testing.assert_allclose(ex.shown, expected, atol=1e-6)
+        assert 0 <= ex.shown.min() and ex.shown.max() <= 0.25
+    assert ex._signals[1]['side-output disagreement'].abs().sum() > 0  # six outputs that do not all agree
+    assert 'the variances of 1 image(s)' in ex.status.value

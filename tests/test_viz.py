@@ -30,7 +30,8 @@ def test_one_colour_or_colour_map_per_element():
     assert len({GT_COLOR, PRED_COLOR, HIT_COLOR}) == 3 and len({MASK_CMAP, UNCERTAINTY_CMAP, ATTRIBUTION_CMAP}) == 3
     assert (GT_STYLE, PRED_STYLE) == ('-', '--')
     assert {k: v[:3] for k, v in MAP_KINDS.items()} == {'mask': ('viridis', 0, 1), 'uncertainty': ('magma', 0, 1),
-                                                         'attribution': ('RdBu_r', -1, 1)}
+                                                         'variance': ('magma', 0, 0.25), 'attribution': ('RdBu_r', -1, 1)}
+    assert rows['variance (TTA, MC dropout, side outputs)']['color'] == UNCERTAINTY_CMAP  # one colour map per meaning
     table = color_scheme_markdown().split('\n')
     assert table[0] == '| element | drawn as | colour | value | range |' and len(table) == len(rows) + 2
     assert table[2].startswith('| ground truth |') and f'`{GT_COLOR}`' in table[2] and 'yellow' in table[2]
@@ -97,7 +98,7 @@ def test_show_map_keeps_an_explicit_colour_map_and_refuses_unknown_kinds():
     fig, ax = plt.subplots()
     im = show_map(ax, np.zeros((4, 4)), 't', 'gray')                 # the tutorials' positional form
     assert im.get_cmap().name == 'gray' and im.get_clim() == (0, 1)
-    with pytest.raises(ValueError, match="kind='probability': use one of mask, uncertainty, attribution"):
+    with pytest.raises(ValueError, match="kind='probability': use one of mask, uncertainty, variance, attribution"):
         show_map(ax, np.zeros((4, 4)), kind='probability')
     plt.close(fig)
 
