@@ -332,7 +332,9 @@ def test_convert_errors(tmp_path):
     with pytest.raises(DatasetError, match="not dsb2018"): convert_dsb2018(pairs, tmp_path/'o')
     busi = write_example_layout('busi', tmp_path/'busi', n=1, size=32)
     before = tree_digest(busi)
-    with pytest.raises(DatasetError, match='lies inside the source'): convert_busi(busi, busi/'converted')
+    with pytest.raises(ParameterError) as e: convert_busi(busi, busi/'converted')
+    assert (e.value.param, str(e.value)) == ('out', f"out={str(busi/'converted')!r} is inside src={str(busi)!r}, an input of "
+                                             f"this command: ds2net never writes into its inputs; choose another out")
     assert tree_digest(busi) == before
     convert_busi(busi, tmp_path/'c')
     with pytest.raises(FileExistsError, match='already holds files'): convert_busi(busi, tmp_path/'c')
@@ -666,3 +668,63 @@ def test_reading_or_checking_a_data_set_imports_no_fastai_or_torch():
             'd.segmentation_dls; print("fastai" in sys.modules)')
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ['[]', 'True']
+
+
+# ---------------------------------------------------------------- issue 16 (items 3, 6, 7, 9, 16): data safety
+from ds2net.cli import main
+from ds2net.data import convert_dataset
+
+
+def test_convert_never_writes_into_its_source_nor_holds_it(tmp_path, capsys):
+    "Item 6: `convert --from dsb2018 cvx/images --out cvx --overwrite` wrote into its source; both directions are refused."
+    src = write_example_layout('dsb2018', tmp_path/'cvx'/'images', n=3, size=32)
+    before = tree_digest(tmp_path/'cvx')
+    assert main(['convert', '--from', 'dsb2018', str(src), '--out', str(tmp_path/'cvx'), '--overwrite']) == 1
+    assert capsys.readouterr().err == (f"ds2net convert: error: --out {tmp_path/'cvx'} contains src={str(src)!r}, an input of "
+                                       f"this command: ds2net keeps its outputs and inputs apart; choose another --out\n")
+    assert main(['convert', '--from', 'dsb2018', str(src), '--out', str(src/'x'), '--overwrite']) == 1
+    assert capsys.readouterr().err == (f"ds2net convert: error: --out {src/'x'} is inside src={str(src)!r}, an input of "
+                                       f"this command: ds2net never writes into its inputs; choose another --out\n")
+    (tmp_path/'out').mkdir(); (tmp_path/'out'/'images').symlink_to(src)  # into the source through a link: refused too
+    with pytest.raises(ParameterError) as e: convert_dsb2018(src, tmp_path/'out', overwrite=True)
+    assert str(e.value) == (f"out={str(tmp_path/'out'/'images')!r} is src={str(src)!r} itself, an input of this command: "
+                            f"ds2net never writes over its inputs; choose another out")
+    assert tree_digest(tmp_path/'cvx') == before
+
+
+def test_convert_never_writes_through_a_link(tmp_path):
+    "Item 3 (convert): a link in the output named like a file to write is refused, and the file it points to kept."
+    busi = write_example_layout('busi', tmp_path/'busi', n=1, size=32)
+    victim = save(np.full((32, 32), 7, np.uint8), tmp_path/'victim.png'); before = victim.read_bytes()
+    (tmp_path/'out'/'masks').mkdir(parents=True); (tmp_path/'out'/'masks'/'benign (1).png').symlink_to(victim)
+    with pytest.raises(ParameterError) as e: convert_busi(busi, tmp_path/'out', overwrite=True)
+    assert (e.value.param, str(e.value)) == ('out', f"out={str(tmp_path/'out'/'masks')!r} holds symbolic links of the names "
+                                             f"to write (benign (1).png): ds2net never writes through a link, not even with "
+                                             f"overwrite=True; remove them or choose another out")
+    assert victim.read_bytes() == before and not (tmp_path/'out'/'images').exists()
+
+
+def test_convert_gives_every_image_its_own_name_and_counts_what_it_wrote(tmp_path):
+    "Item 7: 11 images in, 10 out, success reported; now 11 in, 11 out, each with its own mask, the renamed one said."
+    src = write_example_layout('busi', tmp_path/'busi', n=3, size=32)  # 9 images
+    ims, mks = make_ultrasound(2, size=32, seed=5)
+    save(ims[0], src/'malignant'/'benign (1).png'); save(mks[0] * 255, src/'malignant'/'benign (1)_mask.png')  # a duplicate name...
+    save(ims[1], src/'benign'/'malignant_benign (1).png')                                                      # ...and the name it
+    save(mks[1] * 255, src/'benign'/'malignant_benign (1)_mask.png')                                           # would be renamed to
+    conv = convert_dataset('busi', src, tmp_path/'out')
+    names = sorted(p.name for p in (tmp_path/'out'/'images').iterdir())
+    assert conv.n_written == 11 == len(names) == len({n.casefold() for n in names}) == len(list((tmp_path/'out'/'masks').iterdir()))
+    assert conv.renamed == [('benign/benign (1).png', 'benign_benign (1).png'),
+                            ('malignant/benign (1).png', 'malignant_benign (1)_2.png')]
+    assert (tmp_path/'out'/'images'/'malignant_benign (1).png').read_bytes() == (src/'benign'/'malignant_benign (1).png').read_bytes()
+    assert (tmp_path/'out'/'images'/'malignant_benign (1)_2.png').read_bytes() == (src/'malignant'/'benign (1).png').read_bytes()
+    np.testing.assert_array_equal(read_mask(tmp_path/'out'/'masks'/'malignant_benign (1)_2.png'), mks[0])
+    assert str(conv) == (f"11 images and their masks written to {tmp_path/'out'} (2 renamed so that no two share a name: "
+                         f"benign/benign (1).png as benign_benign (1).png, malignant/benign (1).png as malignant_benign (1)_2.png)")
+    assert validate_dataset(tmp_path/'out').n_pairs == 11
+    case = write_example_layout('busi', tmp_path/'case', n=1, size=32)  # names that differ only in case: one file on macOS
+    for suffix in ('', '_mask', '_mask_1'): (case/'benign'/f'benign (1){suffix}.png').rename(case/'benign'/f'Benign (1){suffix}.png')
+    save(ims[0], case/'malignant'/'benign (1).png'); save(mks[0] * 255, case/'malignant'/'benign (1)_mask.png')
+    conv = convert_dataset('busi', case, tmp_path/'case_out', include_normal=False)
+    assert conv.n_written == 3 and sorted(p.name for p in (tmp_path/'case_out'/'masks').iterdir()) == \
+        ['benign_Benign (1).png', 'malignant (1).png', 'malignant_benign (1).png']
