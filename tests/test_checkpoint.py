@@ -104,3 +104,59 @@ def test_one_read_check_load_for_resume_evaluate_and_predict(tmp_path, dls):
         check_compatible(ckpt, dict(channels=16), tmp_path / 'last.pth', "Resume with the same {channels}, or choose a new {out}.")
     old = dict(ckpt, config={k: v for k, v in ckpt['config'].items() if k != 'in_chans'})  # from before in_chans was stored
     check_compatible(old, other.model)
+
+
+WHAT_ONE_IS = ("A ds2net checkpoint is the best.pth or last.pth that `ds2net train` writes, or a file written by "
+               "`save_checkpoint(path, model, config=data_config(dls))`: the network, its weights, and the input size and "
+               "normalisation it was trained with.")
+OTHERS = " For the authors' checkpoints use `load_reference_checkpoint`; ImageNet weights for an encoder go in encoder_weights."
+
+
+class Planted:
+    "A pickle that makes a folder when unpickled: the stand-in for a malicious file."
+    def __init__(self, folder): self.folder = str(folder)
+    def __reduce__(self): return (os.mkdir, (self.folder,))
+
+
+def test_files_that_are_not_ds2net_checkpoints_say_what_they_are_and_what_one_is(tmp_path, dls):
+    "Issue 16, item 11: an image, a fastai export, a malicious pickle, bare weights: one message each, no torch text."
+    import pickle
+    from PIL import Image
+    Image.new('RGB', (8, 8)).save(tmp_path / 'x.png')
+    learn = tiny_learner(dls)
+    learn.export(tmp_path / 'export.pkl')  # fastai's own export: a pickle of the whole Learner
+    (tmp_path / 'evil.pth').write_bytes(pickle.dumps(Planted(tmp_path / 'planted')))
+    torch.save(Planted(tmp_path / 'planted'), tmp_path / 'evil_zip.pth')
+    torch.save(DS2Net(TINY_ENCODER).state_dict(), tmp_path / 'state.pth')
+    (tmp_path / 'empty.pth').write_bytes(b'')
+    whole = (tmp_path / 'state.pth').read_bytes()
+    (tmp_path / 'cut.pth').write_bytes(whole[:len(whole) // 2])
+    pickled = ("it holds pickled Python objects, not only tensors, numbers and strings: a fastai `learn.export()` file, a "
+               "whole model saved with torch.save, or other code; ds2net never unpickles such a file, since that can run any code")
+    for name, why in [('x.png', 'it is a PNG image'), ('export.pkl', pickled), ('evil.pth', pickled), ('evil_zip.pth', pickled),
+                      ('state.pth', 'it holds bare weights, a state dict without the configuration of the network they belong to'),
+                      ('empty.pth', 'the file is empty'),
+                      ('cut.pth', 'it is a zip archive but not a whole torch file: cut short, or damaged')]:
+        for load in (read_checkpoint, model_from_checkpoint):
+            with pytest.raises(WeightsError) as e: load(tmp_path / name)
+            assert str(e.value) == f"{tmp_path / name} is not a ds2net checkpoint ({why}). {WHAT_ONE_IS}{OTHERS}", name
+            assert '\x1b' not in str(e.value) and 'weights_only=False' not in str(e.value)
+    assert not (tmp_path / 'planted').exists()  # nothing was unpickled
+
+
+def test_a_checkpoint_of_the_network_alone_says_what_prediction_needs(tmp_path):
+    "Issue 16, item 11: `save_checkpoint(p, DS2Net(...))` has no image size: a message instead of KeyError: 'size'."
+    from ds2net.inference import predict_probabilities
+    model = DS2Net(TINY_ENCODER).eval()
+    save_checkpoint(tmp_path / 'bare.pth', model)
+    with pytest.raises(WeightsError) as e: model_from_checkpoint(tmp_path / 'bare.pth')
+    assert str(e.value) == (f"{tmp_path / 'bare.pth'} holds a DS2Net and its weights but not the image size it was trained "
+                            f"at (no 'size' in its config), which prediction needs. {WHAT_ONE_IS} Save it again with "
+                            "`config=data_config(dls)`, or at least `config=dict(size=352)` (the training size).")
+    save_checkpoint(tmp_path / 'sized.pth', model, dict(size=64))  # the size alone: ImageNet normalisation, as every ds2net run
+    loaded, cfg = model_from_checkpoint(tmp_path / 'sized.pth')
+    assert (cfg['size'], cfg['mean'], cfg['std']) == (64, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    image = (np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8)
+    prob = predict_probabilities(loaded, [image], cfg)[0]
+    imagenet = dict(size=64, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    assert prob.shape == (40, 50) and np.array_equal(prob, predict_probabilities(loaded, [image], imagenet)[0])
