@@ -103,11 +103,9 @@ def check_predict_out(files,                # the input images (`input_files`)
                       overwrite:bool=False, # replace files of the names to write
                       inp:str|Path|None=None, # what was given as input (a file or folder); default: the files' folders
                      )->list:
-    "Refuse, before any work, an output folder that is or holds an input, a data set's masks folder (also through a link), or that holds links, folders or (unless `overwrite`) files of the names to write; returns the names."
+    "Refuse, before any work, an output folder that is a data set's masks folder (also through a link), is or holds an input, or holds links, folders or (unless `overwrite`) files of the names to write; returns the names."
     names = output_names(files, overlay)
-    inputs = {'inp': inp if inp is not None else sorted({Path(f).parent for f in files})}
-    real = check_out_folder(out, 'out', 'for the masks', names=[n for pair in names for n in pair if n],
-                            overwrite=overwrite, inputs=inputs)
+    real = real_path(out)
     images = dataset_images_beside(real)  # the folder with its links resolved: a link to a masks folder is that folder
     if images is not None:
         given = Path(out).expanduser().absolute()
@@ -116,6 +114,9 @@ def check_predict_out(files,                # the input images (`input_files`)
                              "predictions never go there, not even with {overwrite=True}, since they would replace the "
                              "ground truth; choose another folder, e.g. {other}",
                              given=out, link=link, images=images, other=real.parent/'predictions')
+    inputs = {'inp': inp if inp is not None else sorted({Path(f).parent for f in files})}
+    check_out_folder(out, 'out', 'for the masks', names=[n for pair in names for n in pair if n], overwrite=overwrite,
+                     inputs=inputs)
     return names
 
 # %% ../nbs/08_inference.ipynb #i0013

@@ -80,6 +80,8 @@ def predict(model, inp, out, *extra):
 def test_predict_into_a_link_to_a_masks_folder_is_refused(tiny_model, d16, tmp_path, capsys):
     link = tmp_path / 'LINK'; link.symlink_to(d16 / 'masks')
     before = tree(d16)
+    assert predict(tiny_model, d16 / 'images', d16 / 'masks') == 1  # the masks folder itself, with or without --overwrite
+    assert f"error: --out {d16 / 'masks'} is the masks folder of a data set" in capsys.readouterr().err
     assert predict(tiny_model, d16 / 'images', link, '--overwrite') == 1
     assert capsys.readouterr().err == (
         f"ds2net predict: error: --out {link} (a link to {d16 / 'masks'}) is the masks folder of a data set (its images are "
