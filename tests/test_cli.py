@@ -473,7 +473,8 @@ def test_bench_json_never_replaces_a_file(tmp_path, capsys, monkeypatch):
     assert strict_json(old.read_text()) == {'library': {'step_s': 0.5}} and len(runs) == 1
 
 
-WRITERS = {'train': 'out', 'evaluate': 'csv', 'predict': 'out', 'synth': 'out', 'convert': 'out', 'bench': 'json'}
+WRITERS = {'train': 'out', 'evaluate': 'csv', 'predict': 'out', 'export': 'out', 'synth': 'out', 'convert': 'out',
+           'bench': 'json'}
 
 
 def test_every_command_that_writes_has_overwrite():
@@ -516,3 +517,40 @@ def test_evaluate_a_dsb2018_download_says_convert_it_first(logged_run, tmp_path,
         f"ds2net evaluate: error: --data {dsb} is a DSB2018 download (one sub-folder per id, each holding images/ and "
         f"masks/), not a test set in the images/masks layout: convert it first (`ds2net convert --from dsb2018 {dsb} --out "
         "<new folder>`, or `convert_dsb2018` in Python) and evaluate the converted folder\n")
+
+
+# ------------------------------------------------------------------ issue 18: ds2net export
+
+def test_export_onnx_and_pretrained(trained_run, tmp_path, capsys):
+    "`ds2net export` writes what the library writes; the ONNX file predicts what the checkpoint predicts."
+    from ds2net.export import load_onnx, model_from_pretrained
+    from ds2net.inference import predict_probabilities
+    run, _ = trained_run
+    img = np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    model, cfg = model_from_checkpoint(run / 'best.pth')
+    expected = predict_probabilities(model, [img], cfg)[0]
+    onnx_path = tmp_path / 'model.onnx'
+    assert main(['export', '--model', str(run / 'best.pth'), '--out', str(onnx_path)]) == 0
+    assert capsys.readouterr().out == f'written to {onnx_path}\n'
+    np.testing.assert_allclose(load_onnx(onnx_path).predict([img])[0], expected, atol=1e-4)
+    folder = tmp_path / 'pretrained'
+    assert main(['export', '--model', str(run / 'best.pth'), '--format', 'pretrained', '--out', str(folder)]) == 0
+    assert capsys.readouterr().out == f'written to {folder}\n'
+    assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    again, cfg2 = model_from_pretrained(folder)
+    np.testing.assert_allclose(predict_probabilities(again, [img], cfg2)[0], expected, atol=1e-5)
+
+
+def test_export_refuses_existing_files_and_wrong_flags(trained_run, tmp_path, capsys):
+    run, _ = trained_run
+    onnx_path = tmp_path / 'model.onnx'; onnx_path.write_bytes(b'mine')
+    cmd = ['export', '--model', str(run / 'best.pth'), '--out']
+    assert main(cmd + [str(onnx_path)]) == 1
+    assert capsys.readouterr().err == (f'ds2net export: error: --out {onnx_path} already exists: ds2net never replaces a file '
+                                       'unless asked; pass --overwrite to replace it, or choose another --out\n')
+    assert onnx_path.read_bytes() == b'mine'
+    assert main(cmd + [str(tmp_path / 'p'), '--format', 'pretrained', '--side-outputs']) == 1
+    assert capsys.readouterr().err == ("ds2net export: error: --side-outputs is for --format onnx: a pretrained folder holds "
+                                       "the whole network\n")
+    assert not (tmp_path / 'p').exists()
+    assert main(cmd + [str(onnx_path), '--overwrite']) == 0 and onnx_path.read_bytes() != b'mine'
