@@ -728,3 +728,48 @@ def test_convert_gives_every_image_its_own_name_and_counts_what_it_wrote(tmp_pat
     conv = convert_dataset('busi', case, tmp_path/'case_out', include_normal=False)
     assert conv.n_written == 3 and sorted(p.name for p in (tmp_path/'case_out'/'masks').iterdir()) == \
         ['benign_Benign (1).png', 'malignant (1).png', 'malignant_benign (1).png']
+
+
+def masks_as(root, f):
+    "Rewrite every mask of an images/masks folder as f(mask as read, 0/1)."
+    for p in sorted((root/'masks').iterdir()): save(f(read_mask(p)), p)
+    return root
+
+
+def test_validate_warns_when_the_masks_cannot_be_the_ground_truth(tmp_path, capsys):
+    "Item 9: `validate` said 'OK: ready for training' for all-empty, all-full and inverted masks; now it warns, saying what to check."
+    d16 = lambda name: write_synthetic('polyp', tmp_path/name, n=16, size=64)
+    assert main(['validate', str(d16('d16'))]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == '  OK: ready for training'
+    cases = {
+        'empty': (lambda m: np.zeros_like(m), [], "every mask is empty: none of the 16 masks has a pixel above threshold 0, so a "
+                  "network trained on them learns to predict nothing. Check that the masks folder holds the ground truth and "
+                  "not blank images"),
+        'zero_one': (lambda m: m, ['--threshold', '127'], "every mask is empty: none of the 16 masks has a pixel above threshold "
+                     "127, so a network trained on them learns to predict nothing. Check that the masks folder holds the "
+                     "ground truth, and the threshold: masks stored as 0/1 (or with values up to 127) are empty at "
+                     "threshold=127; use threshold=0 for them"),
+        'full': (lambda m: np.full_like(m, 255), [], "every mask is full: every pixel of the 16 masks is above threshold 0, so "
+                 "there is nothing to segment. Check the threshold (a background stored as a low value, e.g. 1, or JPEG noise, "
+                 "is foreground at threshold=0: try threshold=127) and whether the masks are inverted (objects black on white)"),
+        'inverted': (lambda m: (1 - m) * 255, [], None)}
+    for name, (f, extra, message) in cases.items():
+        root = masks_as(d16(name), f)
+        assert main(['validate', str(root), *extra]) == 0, name
+        out = capsys.readouterr().out
+        report = validate_dataset(root, threshold=int(extra[1]) if extra else 0)
+        if name == 'inverted':
+            fg = report.foreground
+            assert 0.85 < fg < 0.95 and f'foreground: {fg:.1%} of the pixels' in out
+            message = (f"the masks look inverted: on average {fg:.0%} of a mask's pixels are foreground (16 of 16 masks are "
+                       f"more than half foreground), while the objects to segment usually cover less of an image than the "
+                       f"background. If the masks mark the background in white, invert them (255 minus each value) before "
+                       f"training; check the threshold too (values above 0 are foreground). If the objects really are that "
+                       f"large, ignore this warning")
+        assert report.ok and report.warnings[-1] == message and f'    - {message}\n' in out, name
+        k = len(report.warnings)
+        assert out.splitlines()[-1] == f"  OK: no errors, but read the {k} warning{'s' if k > 1 else ''} above before training"
+        assert 'ready for training' not in out
+        with pytest.warns(UserWarning, match=r'warning\(s\), e\.g\. '):  # train warns too (load_samples)
+            load_samples(root, threshold=int(extra[1]) if extra else 0)
+    assert (validate_dataset(tmp_path/'empty').n_empty_masks, validate_dataset(tmp_path/'full').n_full_masks) == (16, 16)

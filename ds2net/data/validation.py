@@ -31,6 +31,8 @@ class DatasetReport:
     n_masks: int = 0        # mask files found
     n_pairs: int = 0        # images with their mask(s)
     n_empty_masks: int = 0  # images whose (merged) mask has no foreground: allowed, counted
+    n_full_masks: int = 0   # images whose (merged) mask is foreground everywhere
+    foreground: float|None = None  # the mean fraction of a mask's pixels that are foreground (None: no pairs)
     sets: dict = field(default_factory=dict)         # {split: number of samples}
     sizes: Counter = field(default_factory=Counter)  # {(width, height): number of images}
     image_modes: Counter = field(default_factory=Counter)  # {PIL mode: number of images}
@@ -48,7 +50,8 @@ class DatasetReport:
             s = ', '.join(f'{fmt(key)} ({n})' for key, n in items[:k])
             return s + (f', ... ({len(items) - k} more)' if len(items) > k else '')
         lines = [f'Data set {self.path} (layout: {self.layout})',
-                 f'  images: {self.n_images}   masks: {self.n_masks}   pairs: {self.n_pairs}   empty masks: {self.n_empty_masks}']
+                 f'  images: {self.n_images}   masks: {self.n_masks}   pairs: {self.n_pairs}   empty masks: {self.n_empty_masks}'
+                 + (f'   foreground: {self.foreground:.1%} of the pixels' if self.foreground is not None else '')]
         if len(self.sets) > 1 or (self.sets and '' not in self.sets):
             lines.append('  sets: ' + ', '.join(f'{k or "(root)"} {v}' for k, v in self.sets.items()))
         if self.sizes: lines.append('  image sizes (WxH): ' + top(self.sizes, lambda s: f'{s[0]}x{s[1]}'))
@@ -58,8 +61,10 @@ class DatasetReport:
         for title, items in (('notes', self.notes), ('ignored (not image files)', self.ignored),
                              ('errors', self.errors), ('warnings', self.warnings)):
             if items: lines += [f'  {title} ({len(items)}):'] + [f'    - {x}' for x in items]
-        lines.append('  OK: ready for training' if self.ok else
-                     f'  FAILED: {len(self.errors)} error{"s" if len(self.errors) > 1 else ""}; fix them before training')
+        k = len(self.warnings)
+        lines.append(f'  FAILED: {len(self.errors)} error{"s" if len(self.errors) > 1 else ""}; fix them before training'
+                     if not self.ok else '  OK: ready for training' if not k else
+                     f'  OK: no errors, but read the {k} warning{"s" if k > 1 else ""} above before training')
         return '\n'.join(lines)
     __str__ = __repr__ = summary
 
@@ -69,12 +74,14 @@ class DatasetReport:
                                            f'(run `ds2net validate {self.path}` for the full report):')
 
 # %% ../../nbs/01c_data_validation.ipynb #c0054
-def _check_files(samples, threshold, P, report):
+def _check_files(samples, threshold, P, report)->list:
+    "Open every image and mask, with the problems in P and the counts in `report`; returns each pair's foreground fraction."
+    fractions = []
     for s in samples:
         try: im = _open_image(s.image, 'image')
         except DatasetError as e: P.error(str(e)); continue
         report.sizes[im.size] += 1; report.image_modes[im.mode] += 1
-        fg, ok = False, True
+        union, ok = None, True
         for mpath in s.masks:
             try: mk = _open_image(mpath, 'mask')
             except DatasetError as e: P.error(str(e)); ok = False; continue
@@ -84,7 +91,7 @@ def _check_files(samples, threshold, P, report):
                 ok = False; continue
             values, scale = _mask_values(mk)
             above = values > threshold * scale
-            fg = fg or bool(above.any())
+            union = above if union is None else union | above
             if threshold == 0:
                 levels = len(np.unique(values))
                 if levels > 2: P.warn(f"{mpath}: mask has {levels} grey levels (lossy JPEG or anti-aliased edges?); with "
@@ -94,7 +101,33 @@ def _check_files(samples, threshold, P, report):
                        f"lower the threshold if that is wrong")
         if ok:
             report.n_pairs += 1
-            report.n_empty_masks += not fg
+            fractions.append(float(union.mean()) if union is not None else 0.0)
+    return fractions
+
+# %% ../../nbs/01c_data_validation.ipynb #c0054f
+_INVERTED = 0.5  # masks whose foreground covers more than this fraction of the pixels, on average, look inverted
+
+def _check_foreground(fractions, threshold, P, report):
+    "Count empty and full masks and warn when the masks as a whole cannot be the ground truth: all empty, all full, or inverted-looking."
+    f = np.asarray(fractions, dtype=float)
+    report.n_empty_masks, report.n_full_masks = int((f == 0).sum()), int((f == 1).sum())
+    report.foreground = float(f.mean()) if len(f) else None
+    n, t, lit = len(f), threshold, f[f > 0]
+    if n > 1 and report.n_empty_masks == n:
+        P.warn(f"every mask is empty: none of the {n} masks has a pixel above threshold {t}, so a network trained on them "
+               f"learns to predict nothing. Check that the masks folder holds the ground truth"
+               + (f", and the threshold: masks stored as 0/1 (or with values up to {t}) are empty at threshold={t}; "
+                  f"use threshold=0 for them" if t else " and not blank images"))
+    elif n > 1 and report.n_full_masks == n:
+        P.warn(f"every mask is full: every pixel of the {n} masks is above threshold {t}, so there is nothing to segment. "
+               f"Check the threshold (a background stored as a low value, e.g. 1, or JPEG noise, is foreground at "
+               f"threshold={t}: try threshold=127) and whether the masks are inverted (objects black on white)")
+    elif n > 1 and len(lit) and lit.mean() > _INVERTED:
+        P.warn(f"the masks look inverted: on average {lit.mean():.0%} of a mask's pixels are foreground ({int((lit > 0.5).sum())} "
+               f"of {n} masks are more than half foreground), while the objects to segment usually cover less of an image "
+               f"than the background. If the masks mark the background in white, invert them (255 minus each value) before "
+               f"training; check the threshold too (values above {t} are foreground). If the objects really are that "
+               f"large, ignore this warning")
 
 # %% ../../nbs/01c_data_validation.ipynb #c0054b
 def _scan(path, layout, include_normal, P):
@@ -145,7 +178,8 @@ def _inspect(path, threshold=0, include_normal=True, layout=None):
         report.errors = e.problems; return report, {}
     report.n_images, report.n_masks = _count_files(path, report.layout)
     report.sets = {k: len(v) for k, v in sets.items()}
-    _check_files([s for v in sets.values() for s in v], threshold, P, report)
+    fractions = _check_files([s for v in sets.values() for s in v], threshold, P, report)
+    _check_foreground(fractions, threshold, P, report)
     report.errors, report.warnings, report.ignored, report.notes = P.errors, P.warnings, P.ignored, P.notes
     for ss in sets.values():
         for s in ss: s.threshold = threshold
