@@ -88,8 +88,8 @@ BREAKAGES = [
     Breakage('default-lr-swapped', 'learner.py', 'default_lr', 'the fine-tuning rate used from scratch and the other way round',
              "return FINE_TUNE_LR if weights_loaded else FROM_SCRATCH_LR", "return FROM_SCRATCH_LR if weights_loaded else FINE_TUNE_LR",
              ('tests/test_cli.py', '-k', 'default_lr or paper_lr')),
-    Breakage('predict-overwrites', 'inference.py', 'check_predict_out', "predict replaces the user's files without --overwrite",
-             "if existing and not overwrite:", "if existing and overwrite:",
+    Breakage('predict-overwrites', 'files.py', 'check_out_folder', "the one output guard (predict's too) replaces the user's "
+             "files without --overwrite", "if existing and not overwrite:", "if existing and overwrite:",
              ('tests/test_cli.py', '-k', 'predict_refuses')),
     Breakage('uncertainty-no-half', 'losses.py', 'pixel_uncertainty', 'uncertainty not divided by 0.5, so it stays in [0, 0.5]',
              "return 1 - (prob - 0.5).abs() / 0.5",
