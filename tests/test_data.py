@@ -773,3 +773,23 @@ def test_validate_warns_when_the_masks_cannot_be_the_ground_truth(tmp_path, caps
         with pytest.warns(UserWarning, match=r'warning\(s\), e\.g\. '):  # train warns too (load_samples)
             load_samples(root, threshold=int(extra[1]) if extra else 0)
     assert (validate_dataset(tmp_path/'empty').n_empty_masks, validate_dataset(tmp_path/'full').n_full_masks) == (16, 16)
+
+
+def test_dataloaders_refuse_bad_arguments_at_the_boundary(tmp_path):
+    "Item 16: `segmentation_dls(bs=0)` raised ZeroDivisionError and `size=64.5` a TypeError (folders); now a ParameterError naming each."
+    folder = pairs_folder(tmp_path/'d', n=8)
+    cases = [(dict(bs=0), 'bs', 'bs=0: the batch size must be a whole number of at least 1'),
+             (dict(bs=2.0), 'bs', 'bs=2.0: the batch size must be a whole number of at least 1'),
+             (dict(size=64.5), 'size', 'size=64.5: the image side must be a whole number of pixels, at least 16'),
+             (dict(size=True), 'size', 'size=True: the image side must be a whole number of pixels, at least 16'),
+             (dict(seed=1.5), 'seed', 'seed=1.5: the seed must be a whole number, 0 or more'),
+             (dict(num_workers=-1), 'num_workers', 'num_workers=-1: the number of DataLoader worker processes must be a whole '
+                                                   'number, 0 or more (0 loads the batches in the main process)'),
+             (dict(valid_pct='0.2'), 'valid_pct', "valid_pct='0.2': use a fraction between 0 and 1, e.g. 0.2")]
+    for source in ('synthetic:polyp', folder):
+        for kwargs, param, message in cases:
+            with pytest.raises(ParameterError) as e: segmentation_dls(source, **{'size': 32, 'bs': 2, 'n': 8, **kwargs})
+            assert (e.value.param, str(e.value)) == (param, message), (source, kwargs)
+    with pytest.raises(ParameterError) as e: segmentation_dls('synthetic:polyp', size=32, bs=1, n=1)
+    assert (e.value.param, str(e.value)) == ('n', 'n=1: a synthetic set needs a whole number of at least 2 images (some to '
+                                                  'train on, some to validate on)')

@@ -19,7 +19,7 @@ from fastai.vision.core import imagenet_stats, PILBase, PILMask, AddMaskCodes
 from fastai.vision.data import ImageBlock, get_grid
 from fastai.torch_core import TensorImage, TensorMask
 
-from ..errors import ParameterError, check
+from ..errors import ParameterError, check, is_whole, is_number
 from ..viz import overlay_mask, mask_legend
 from .synthetic import make_synthetic, synthetic_kind
 from .folders import Sample, sample_image, sample_mask, detect_layout
@@ -55,7 +55,9 @@ class GroupSplitter:
                  valid_pct:float=0.2,  # at least this fraction of the items goes to validation
                  seed:int=42,          # seed of the shuffle of the groups
                 ):
-        check(0 < valid_pct < 1, 'valid_pct', "{valid_pct=given}: use a fraction between 0 and 1, e.g. 0.2", given=valid_pct)
+        check(is_number(valid_pct) and 0 < valid_pct < 1, 'valid_pct', "{valid_pct=given}: use a fraction between 0 and 1, "
+              "e.g. 0.2", given=valid_pct)
+        check(is_whole(seed) and seed >= 0, 'seed', "{seed=given}: the seed must be a whole number, 0 or more", given=seed)
         store_attr()
 
     def __call__(self, items)->tuple:
@@ -91,6 +93,18 @@ def _valid_from_folder(sets, valid_folder, path):
                              sets=', '.join(sets))
     return keys
 
+def _check_dls_args(size, bs, seed, num_workers, n, synthetic:bool):
+    "Refuse, before any data is read or made, the arguments of `segmentation_dls` that cannot work, each naming its parameter."
+    check(is_whole(size) and size >= 16, 'size', "{size=given}: the image side must be a whole number of pixels, at least 16",
+          given=size)
+    check(is_whole(bs) and bs >= 1, 'bs', "{bs=given}: the batch size must be a whole number of at least 1", given=bs)
+    check(is_whole(seed) and seed >= 0, 'seed', "{seed=given}: the seed must be a whole number, 0 or more", given=seed)
+    check(is_whole(num_workers) and num_workers >= 0, 'num_workers', "{num_workers=given}: the number of DataLoader worker "
+          "processes must be a whole number, 0 or more (0 loads the batches in the main process)", given=num_workers)
+    if synthetic:
+        check(is_whole(n) and n >= 2, 'n', "{n=given}: a synthetic set needs a whole number of at least 2 images (some to "
+              "train on, some to validate on)", given=n)
+
 # %% ../../nbs/01d_data_loaders.ipynb #c0065b
 def segmentation_dls(source,                   # a data folder (any layout above) or 'synthetic:polyp' / 'synthetic:ultrasound' / 'synthetic:nuclei'
                      size:int=352,             # images and masks are resized (squished) to size x size
@@ -111,6 +125,7 @@ def segmentation_dls(source,                   # a data folder (any layout above
                     ):
     "fastai DataLoaders of RGB images (normalised) and binary `TensorBinaryMask` targets (B, H, W) of 0/1."
     kind = synthetic_kind(source, 'source')
+    _check_dls_args(size, bs, seed, num_workers, n, synthetic=bool(kind))
     if kind:
         images, masks = make_synthetic(kind, n, size=size, seed=seed, difficulty=difficulty)
         items = [Sample(f'{kind}_{i:05d}', images[i], masks[i]) for i in range(n)]
