@@ -242,22 +242,11 @@ def _validate(args):
 
 # %% ../nbs/14_cli.ipynb #c0009b
 def _bench(args):
-    from ds2net.bench import run_bench
-    from ds2net.files import atomic_write_text, check_out_file, make_out_folder, remove_if_empty
-    dest = created = None
-    if args.json:  # checked, and its folder made and written in, before the benchmark runs: never over a checkpoint
-        dest = check_out_file(args.json, 'json', args.overwrite, suffixes=('.json',), what='the benchmark report',
-                              example='bench.json')
-        created = make_out_folder(dest.parent, 'json')
-    try: res = run_bench(args.device, encoder=args.encoder, size=args.size, bs=args.bs, precision=args.precision, steps=args.steps,
-                         warmup=args.warmup, channels_last=args.channels_last, compile=args.compile, workers=args.workers,
-                         authors=args.authors)
-    except BaseException:
-        if dest is not None: remove_if_empty(dest.parent, created)
-        raise
-    text = json.dumps(res, indent=2, allow_nan=False)
-    if not args.json: print(text); return
-    atomic_write_text(dest, text + '\n')
+    from ds2net.bench import run_bench  # it checks --json before the benchmark runs and writes it (ds2net.bench's rule)
+    res = run_bench(args.device, encoder=args.encoder, size=args.size, bs=args.bs, precision=args.precision, steps=args.steps,
+                    warmup=args.warmup, channels_last=args.channels_last, compile=args.compile, workers=args.workers,
+                    authors=args.authors, json=args.json, overwrite=args.overwrite)
+    if not args.json: print(json.dumps(res, indent=2, allow_nan=False)); return
     print(f"library step {res['library']['step_s']:.3f} s" + (f", authors' {res['authors']['step_s']:.3f} s, train_speedup "
           f"{res['train_speedup']:.2f}, infer_speedup {res['infer_speedup']:.2f}" if 'authors' in res else '') + f"; written to {args.json}")
 

@@ -454,23 +454,24 @@ def test_evaluate_out_never_replaces_a_file(logged_run, synthetic_folder, tmp_pa
 
 
 def test_bench_json_never_replaces_a_file(tmp_path, capsys, monkeypatch):
-    "Item 2: `bench --json` over a checkpoint or an old report is refused before the benchmark runs."
+    "Item 2: `bench --json` over a checkpoint or an old report is refused before the benchmark runs (ds2net.bench's check)."
     import ds2net.bench
-    real, runs = ds2net.bench.run_bench, []
-    @functools.wraps(real)
-    def fake(*a, **k):
-        runs.append(a); return {'library': {'step_s': 0.5}}
-    monkeypatch.setattr(ds2net.bench, 'run_bench', fake)
+    runs = []
+    def library_phase(*a, **k):  # the timed phase, faked: what matters is whether it ran
+        runs.append(a); return {'precision': 'fp32', 'step_s': 0.5}, None
+    monkeypatch.setattr(ds2net.bench, 'library_phase', library_phase)
     victim = tmp_path / 'best.pth'; victim.write_bytes(b'weights')
     old = tmp_path / 'bench.json'; old.write_text('{"mine": 1}')
+    cmd = ['bench', '--device', 'cpu', '--encoder', TINY_ENCODER, '--no-authors', '--workers', '', '--json']
     for path, message in [(victim, f'--json {victim}: the benchmark report is written as .json; give a file name ending in .json'),
                           (old, f'--json {old} already exists: ds2net never replaces a file unless asked; pass --overwrite to '
                                 'replace it, or choose another --json')]:
-        assert main(['bench', '--device', 'cpu', '--json', str(path)]) == 1
+        assert main(cmd + [str(path)]) == 1
         assert capsys.readouterr().err == f'ds2net bench: error: {message}\n'
     assert runs == [] and victim.read_bytes() == b'weights' and old.read_text() == '{"mine": 1}'
-    assert main(['bench', '--device', 'cpu', '--json', str(old), '--overwrite']) == 0
-    assert strict_json(old.read_text()) == {'library': {'step_s': 0.5}} and len(runs) == 1
+    assert main(cmd + [str(old), '--overwrite']) == 0
+    assert capsys.readouterr().out == f'library step 0.500 s; written to {old}\n'
+    assert strict_json(old.read_text())['library'] == {'precision': 'fp32', 'step_s': 0.5} and len(runs) == 1
 
 
 WRITERS = {'train': 'out', 'evaluate': 'csv', 'predict': 'out', 'export': 'out', 'synth': 'out', 'convert': 'out',
