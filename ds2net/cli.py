@@ -229,10 +229,8 @@ def _synth(args):
     print(f'{args.n} synthetic {args.kind} images and masks written to {dest}')
 
 def _convert(args):
-    from ds2net.data.validation import convert_busi, convert_dsb2018
-    if args.source == 'busi': dest = convert_busi(args.src, args.out, include_normal=args.include_normal, overwrite=args.overwrite)
-    else: dest = convert_dsb2018(args.src, args.out, overwrite=args.overwrite)
-    print(f'written to {dest}')
+    from ds2net.data.validation import convert_dataset
+    print(convert_dataset(args.source, args.src, args.out, include_normal=args.include_normal, overwrite=args.overwrite))
 
 def _validate(args):
     from ds2net.data.validation import validate_dataset

@@ -144,7 +144,7 @@ def test_synth_is_deterministic_and_validate(tmp_path):
     assert main(['validate', str(tmp_path / 'a')]) == 1
 
 
-def test_convert_busi_and_dsb(tmp_path):
+def test_convert_busi_and_dsb(tmp_path, capsys):
     busi = tmp_path / 'BUSI'
     for cls in ('benign', 'normal'):
         (busi / cls).mkdir(parents=True)
@@ -152,6 +152,7 @@ def test_convert_busi_and_dsb(tmp_path):
         m = np.zeros((20, 30), np.uint8); m[2:8, 3:9] = 255 if cls == 'benign' else 0
         Image.fromarray(m).save(busi / cls / f'{cls} (1)_mask.png')
     assert main(['convert', '--from', 'busi', str(busi), '--out', str(tmp_path / 'busi_out')]) == 0
+    assert capsys.readouterr().out == f"2 images and their masks written to {tmp_path / 'busi_out'}\n"  # the count written (item 7)
     assert len(list((tmp_path / 'busi_out' / 'masks').iterdir())) == 2
     assert main(['convert', '--from', 'busi', str(busi), '--out', str(tmp_path / 'busi_nn'), '--no-normal']) == 0
     assert len(list((tmp_path / 'busi_nn' / 'masks').iterdir())) == 1
