@@ -1,6 +1,6 @@
 """The training run: one configuration checked once, interruptions and the log, the non-finite stop's advice, bf16 on the
 CPU, and a process left as it was found."""
-import os, signal
+import json, os, shutil, signal
 import pytest, torch
 from fastai.callback.core import Callback
 
@@ -11,7 +11,7 @@ from ds2net.data import segmentation_dls
 from ds2net.learner import ds2net_learner
 from ds2net.model import TINY_ENCODER
 from ds2net.train import RunConfig, TrainingInterrupted, default, train
-from support import PoisonAt, log_epochs
+from support import PoisonAt, log_epochs, md5, train_args
 
 TINY = dict(encoder=TINY_ENCODER, size=64, bs=4, n_synthetic=16, device='cpu')
 
@@ -96,3 +96,158 @@ def test_train_leaves_cudnn_flags_as_it_found_them(tmp_path):
     run = ckpt['config']['run']  # the run's configuration, as it ran, travels in its checkpoints
     assert run['bs'] == 4 and run['lr'] == 1e-3 and run['data'] == 'synthetic:polyp' and run['precision'] in ('fp32', 'bf16')
     assert RunConfig(**run).size == 64
+
+
+# ---------------------------------------------------------------- issue 16: what a run refuses, what it records, what it says
+
+def test_encoders_of_one_input_size_and_huge_scales_are_refused_before_any_work(tmp_path, capsys):
+    "Item 12: vit_tiny_patch16_224 at 64 px once failed in the first batch (AssertionError); --multiscale 1e9 overflowed."
+    from ds2net.cli import main
+    with pytest.raises(ParameterError) as e:
+        train('synthetic:polyp', tmp_path / 'run', **{**TINY, 'encoder': 'vit_tiny_patch16_224'}, epochs=1)
+    assert e.value.param == 'encoder' and str(e.value) == (
+        "encoder='vit_tiny_patch16_224' takes images of 224×224 pixels only (timm marks it fixed_input_size), and this run "
+        "gives it 64×64: choose an encoder that takes any size, e.g. pvt_v2_b2 (the paper's), convnext_tiny or resnet34 "
+        "(resnet10t on a CPU)")
+    with pytest.raises(ParameterError) as e:  # at its own size, but not at the scales of multi-scale training
+        train('synthetic:polyp', tmp_path / 'run', **{**TINY, 'encoder': 'vit_tiny_patch16_224', 'size': 224},
+              multiscale=(0.75, 1), epochs=1)
+    assert "and this run gives it 160×160 (size=224 × a multiscale factor): choose an encoder" in str(e.value)
+    assert not (tmp_path / 'run').exists()
+    with pytest.raises(ParameterError) as e: RunConfig('synthetic:polyp', 'runs/x', multiscale=1e9)
+    assert e.value.param == 'multiscale' and str(e.value) == (
+        "multiscale=(1000000000.0,): a scale above 4 trains on images more than 4 times size=352 on a side; give scales "
+        "above 0 and at most 4, e.g. multiscale=(0.75, 1, 1.25)")
+    RunConfig('synthetic:polyp', 'runs/x', multiscale=(0.5, 4))  # the bound itself is fine
+    assert main(train_args('synthetic:polyp', tmp_path / 'run', '--multiscale', '1e9')) == 1
+    assert capsys.readouterr().err == ("ds2net train: error: --multiscale 1000000000.0: a scale above 4 trains on images "
+                                       "more than 4 times --size 64 on a side; give scales above 0 and at most 4, e.g. "
+                                       "--multiscale 0.75,1,1.25\n")
+    assert main(train_args('synthetic:polyp', tmp_path / 'run', '--encoder', 'vit_tiny_patch16_224')) == 1
+    assert capsys.readouterr().err.startswith("ds2net train: error: --encoder vit_tiny_patch16_224 takes images of 224×224 "
+                                              "pixels only (timm marks it fixed_input_size), and this run gives it 64×64")
+    assert not (tmp_path / 'run').exists()
+
+
+def test_a_run_is_never_written_into_its_data_nor_around_it(tmp_path):
+    "Item 6: `train --data D --out D/images --overwrite` once wrote the run into the images folder."
+    from ds2net.data import write_synthetic
+    data = write_synthetic('polyp', tmp_path / 'dsame', n=8, size=64)
+    before = {p: md5(p) for p in sorted(data.rglob('*')) if p.is_file()}
+    with pytest.raises(ParameterError) as e: train(str(data), data / 'images', overwrite=True, epochs=1, **TINY)
+    assert e.value.param == 'out' and str(e.value) == (
+        f"out={str(data / 'images')!r} is inside data={str(data)!r}, an input of this command: ds2net never writes into "
+        "its inputs; choose another out")
+    with pytest.raises(ParameterError) as e: train(str(data), tmp_path, overwrite=True, epochs=1, **TINY)
+    assert str(e.value) == (f"out={str(tmp_path)!r} contains data={str(data)!r}, an input of this command: ds2net keeps "
+                            "its outputs and inputs apart; choose another out")
+    with pytest.raises(ParameterError) as e: train(str(data), data, resume=True, epochs=1, **TINY)
+    assert str(e.value) == (f"out={str(data)!r} is data={str(data)!r} itself, an input of this command: ds2net never "
+                            "writes over its inputs; choose another out")
+    assert {p: md5(p) for p in sorted(data.rglob('*')) if p.is_file()} == before
+
+
+@pytest.fixture(scope='module')
+def one_epoch(tmp_path_factory):
+    "A run of one epoch on 16 synthetic images, to copy and resume."
+    out = tmp_path_factory.mktemp('one') / 'run'
+    train('synthetic:polyp', out, epochs=1, lr=1e-3, **TINY)
+    return out
+
+
+def test_resume_refuses_other_data_or_settings_and_says_which(one_epoch, tmp_path):
+    "Item 4: a resume on other data, another seed, split, size or weighting was accepted (and leaked the split)."
+    run = shutil.copytree(one_epoch, tmp_path / 'run')
+    recorded = read_checkpoint(run / 'last.pth')['config']['trained_on']
+    assert recorded == dict(data='synthetic:polyp', seed=42, valid_pct=0.2, size=64, weighting='uncertainty', n_synthetic=16,
+                            difficulty=0.5)
+    assert read_checkpoint(run / 'best.pth')['config']['trained_on'] == recorded
+    files = {p.name: md5(p) for p in run.iterdir()}
+    last = run / 'last.pth'
+    with pytest.raises(ParameterError) as e: train('synthetic:polyp', run, resume=True, epochs=2, seed=1, valid_pct=0.3, **TINY)
+    assert e.value.param == 'resume' and str(e.value) == (
+        f"resume=True: {last} was trained on other data or settings than this run asks for (seed was 42, now 1; valid_pct "
+        "was 0.2, now 0.3). A resumed run goes on with the data, split and loss it started with: resume with seed=42 "
+        "valid_pct=0.2, or train a new run in another out")
+    with pytest.raises(ParameterError) as e:
+        train('synthetic:ultrasound', run, resume=True, epochs=2, weighting='equal', **{**TINY, 'size': 96})
+    assert str(e.value) == (
+        f"resume=True: {last} was trained on other data or settings than this run asks for (data was 'synthetic:polyp', "
+        "now 'synthetic:ultrasound'; size was 64, now 96; weighting was 'uncertainty', now 'equal'). A resumed run goes on "
+        "with the data, split and loss it started with: resume with data='synthetic:polyp' size=64 weighting='uncertainty', "
+        "or train a new run in another out")
+    assert {p.name: md5(p) for p in run.iterdir()} == files  # refused before anything was written
+    from ds2net.cli import main  # the command line names its flags
+    import io, contextlib
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(train_args('synthetic:polyp', run, '--resume', '--epochs', '2', '--seed', '1', '--n-synthetic', '16')) == 1
+    assert err.getvalue() == (
+        f"ds2net train: error: --resume: {last} was trained on other data or settings than this run asks for (--seed was "
+        "42, now 1). A resumed run goes on with the data, split and loss it started with: resume with --seed 42, or train "
+        "a new run in another --out\n")
+
+
+def test_resume_of_a_checkpoint_without_the_record_still_works(one_epoch, tmp_path):
+    "Item 4: a last.pth written before the record existed resumes as before, without a word about it."
+    import warnings
+    run = shutil.copytree(one_epoch, tmp_path / 'run')
+    old = torch.load(run / 'last.pth', weights_only=True)
+    del old['config']['trained_on']
+    torch.save(old, run / 'last.pth')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # no warning either
+        warnings.filterwarnings('ignore', category=FutureWarning)  # torch.jit.script's, while fastai loads
+        summary = train('synthetic:polyp', run, resume=True, epochs=2, **TINY)
+    assert summary['start_epoch'] == 1 and read_checkpoint(run / 'last.pth')['config']['trained_on']['seed'] == 42
+
+
+def test_resume_after_best_pth_was_removed_says_so_and_reports_what_is_there(one_epoch, tmp_path, capsys):
+    "Item 10: after `rm best.pth`, a resume reported 'best validation Dice 0.1789' with no best.pth there."
+    from ds2net.cli import main
+    run = shutil.copytree(one_epoch, tmp_path / 'run')
+    was = read_checkpoint(run / 'last.pth')['best']
+    (run / 'best.pth').unlink()
+    with pytest.warns(UserWarning) as record:
+        assert main(train_args('synthetic:polyp', run, '--resume', '--epochs', '2', '--n-synthetic', '16')) == 0
+    said = [str(w.message) for w in record if 'best.pth' in str(w.message)]
+    assert said == [f"{run / 'best.pth'} is missing: the best epoch before this resume (validation dice {was:.4f}) is gone, "
+                    "so best.pth will hold the best epoch from epoch 2 on"]
+    best = read_checkpoint(run / 'best.pth')  # written again, from the epochs of this resume
+    assert best['epoch'] == 2
+    summary = json.loads((run / 'summary.json').read_text())
+    assert summary['best_dice'] == best['best']
+    assert capsys.readouterr().out.strip().endswith(f"best validation Dice {best['best']:.4f}; checkpoints in {run}")
+
+
+def test_the_demo_never_replaces_a_real_run(tmp_path, monkeypatch, capsys):
+    "Item 5: `ds2net demo --out runs/realrun` once replaced a real run's best.pth, last.pth and log.csv."
+    import ds2net.train
+    from ds2net.cli import main
+    from ds2net.errors import ParameterExistsError
+    from ds2net.train import run_demo
+    monkeypatch.setattr(ds2net.train, 'DEMO_CONFIG', dict(ds2net.train.DEMO_CONFIG, size=64, n_synthetic=32, bs=8))
+    monkeypatch.setattr(ds2net.train, 'DEMO_TEST_IMAGES', 6)
+    real = tmp_path / 'realrun'
+    real.mkdir()
+    for name in ('best.pth', 'last.pth', 'log.csv'): (real / name).write_text(f'the real run\'s {name}')
+    files = {p.name: md5(p) for p in real.iterdir()}
+    with pytest.raises(ParameterExistsError) as e: run_demo(real, epochs=1)
+    assert e.value.param == 'out' and str(e.value) == (
+        f"out={str(real)!r} holds best.pth, last.pth, log.csv and is not a demo's folder (it has no demo.json): the demo "
+        "replaces the files of its folder, so it writes only into a new or empty folder or one a demo wrote. Choose another "
+        "out (the default is outputs/demo), or pass overwrite=True to replace its files (best.pth, last.pth, log.csv, "
+        "summary.json, weights.png, metrics.csv, predictions.png, demo.json)")
+    assert main(['demo', '--out', str(real), '--epochs', '1']) == 1
+    assert capsys.readouterr().err.startswith(f"ds2net demo: error: --out {real} holds best.pth, last.pth, log.csv and is "
+                                              "not a demo's folder (it has no demo.json)")
+    assert {p.name: md5(p) for p in real.iterdir()} == files
+    demo = tmp_path / 'demo'
+    first = run_demo(demo, epochs=1)  # a new folder: marked, then written
+    assert first['demo'] is True and json.loads((demo / 'demo.json').read_text())['demo'] is True
+    (demo / 'metrics.csv').write_text('stale')
+    second = run_demo(demo, epochs=1)  # a demo's folder is replaced freely
+    assert second['demo'] is True and (demo / 'metrics.csv').read_text() != 'stale'
+    assert json.loads((demo / 'summary.json').read_text())['meanDic'] == pytest.approx(second['meanDic'])
+    summary = run_demo(real, epochs=1, overwrite=True)  # asked for: the real run's files are replaced
+    assert summary['demo'] is True and (real / 'demo.json').is_file() and md5(real / 'best.pth') != files['best.pth']
