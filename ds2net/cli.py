@@ -152,8 +152,10 @@ def _bench_args(b):
 
 def _demo_args(d):
     d.add_argument('--out', default='outputs/demo', help="the demo's folder (default outputs/demo): running the demo again "
-                   "replaces the files the demo writes there")
+                   "replaces the files the demo writes there; a folder that holds other files is refused")
     d.add_argument('--epochs', type=int, default=None)
+    d.add_argument('--overwrite', action='store_true', help="write into --out even if it holds files and is not a demo's "
+                   "folder (the demo's files there are replaced; nothing else is touched)")
 
 COMMANDS = {  # name: (help, description, how its arguments are defined)
     'train': ('train DS2Net with fit_one_cycle', 'Train DS2Net. The paper configuration (GPU): --encoder pvt_v2_b2 --size 352 '
@@ -203,8 +205,8 @@ def _count(n:int, noun:str)->str: return f"{n} {noun}{'' if n == 1 else 's'}"
 def _train(args):
     from ds2net.train import RunConfig, run_training
     s = run_training(RunConfig(**{f.name: getattr(args, f.name) for f in fields(RunConfig)}))
+    if 'rank' in s: return 0  # a distributed run's other ranks: rank 0 reports
     n, dice = s['epochs'] - s['start_epoch'], s.get('best_dice')
-    if 'rank' in s: return 0  # a distributed run: rank 0 reports
     print(f"trained {_count(n, 'epoch')} in {s['seconds']:.0f} s on {s['device']} at lr {s['lr']:g} ({s['lr_source']}); "
           f"best validation Dice {'n/a' if dice is None else f'{dice:.4f}'}; checkpoints in {s['out']}")
 
@@ -257,7 +259,7 @@ def _export(args):
 def _demo(args):
     from ds2net.train import run_demo
     t0 = time.time()
-    s = run_demo(args.out, epochs=args.epochs)
+    s = run_demo(args.out, epochs=args.epochs, overwrite=args.overwrite)
     print(f"\nDemo written to {args.out}: best.pth, last.pth, log.csv, weights.png, metrics.csv, predictions.png")
     print(f"training time: {s['seconds']:.0f} s (CPU, {s['epochs']} epochs); whole demo {time.time() - t0:.0f} s")
     print(f"validation meanDic on {s['test_images']} held-out synthetic images: {s['meanDic']:.4f}")

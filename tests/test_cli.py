@@ -476,14 +476,14 @@ def test_bench_json_never_replaces_a_file(tmp_path, capsys, monkeypatch):
 
 
 WRITERS = {'train': 'out', 'evaluate': 'csv', 'predict': 'out', 'export': 'out', 'synth': 'out', 'convert': 'out',
-           'bench': 'json'}
+           'bench': 'json', 'demo': 'out'}
 
 
 def test_every_command_that_writes_has_overwrite():
     "Item 2, the class: a command with an output has --overwrite (a new command that writes must be listed here)."
     sub = build_parser()._subparsers._group_actions[0].choices
     outputs = {name for name, p in sub.items() if {a.dest for a in p._actions} & {'out', 'csv', 'json'}}
-    assert outputs - {'demo'} == set(WRITERS)  # demo writes only its own files in its own folder (issue 16 item 5)
+    assert outputs == set(WRITERS)
     for name, dest in WRITERS.items():
         overwrite = [a for a in sub[name]._actions if a.dest == 'overwrite']
         assert len(overwrite) == 1 and overwrite[0].option_strings == ['--overwrite'] and overwrite[0].const is True, name
