@@ -27,9 +27,10 @@ bench: install
 # The wheels tools/gpu_check.sh installs on an offline GPU machine (Python 3.12 there): into the gitignored .whl/
 gpu-wheels: install
 	$(BIN)/python -m pip download -q --no-deps -d .whl fastai==2.8.7 fastcore==1.14.5 fasttransform==0.0.2 \
-	  beartype==0.23.1 fastprogress==1.1.6 fastdownload==0.0.8
+	  beartype==0.23.1 fastprogress==1.1.6 fastdownload==0.0.8 captum==0.9.0 torchmetrics==1.9.0 \
+	  lightning-utilities==0.15.3 accelerate==1.15.0
 	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl plum-dispatch==2.9.0
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl plum-dispatch==2.9.0 psutil==7.2.2
 
 # Mutation testing (CONTRIBUTING.md): not part of `make test`, too slow for CI.
 # `make mutants`: a list of deliberate, plausible breakages (tools/mutants.py), each against the tests that should catch it.

@@ -257,7 +257,7 @@ def _export(args):
     print(f'written to {dest}')
 
 def _demo(args):
-    from ds2net.train import run_demo
+    from ds2net.demo import run_demo
     t0 = time.time()
     s = run_demo(args.out, epochs=args.epochs, overwrite=args.overwrite)
     print(f"\nDemo written to {args.out}: best.pth, last.pth, log.csv, weights.png, metrics.csv, predictions.png")

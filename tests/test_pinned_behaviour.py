@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 from fastai.callback.core import Callback
 
+import ds2net.demo
 import ds2net.train
 from ds2net.cli import main
 from ds2net.callbacks import NonFiniteLossError
@@ -266,8 +267,8 @@ def test_fp16_on_the_cpu_is_refused_with_the_way_out(tmp_path, capsys):
 
 
 def test_demo_with_a_tiny_configuration(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(ds2net.train, 'DEMO_CONFIG', dict(ds2net.train.DEMO_CONFIG, size=64, n_synthetic=32, bs=8))
-    monkeypatch.setattr(ds2net.train, 'DEMO_TEST_IMAGES', 6)
+    monkeypatch.setattr(ds2net.demo, 'DEMO_CONFIG', dict(ds2net.demo.DEMO_CONFIG, size=64, n_synthetic=32, bs=8))
+    monkeypatch.setattr(ds2net.demo, 'DEMO_TEST_IMAGES', 6)
     out = tmp_path / 'demo'
     assert main(['demo', '--out', str(out), '--epochs', '1']) == 0
     text = capsys.readouterr().out
