@@ -71,6 +71,7 @@ def _not_ours(ckpt)->str:
     if 'format' in ckpt: return f"its format is {ckpt['format']!r}, not {CHECKPOINT_FORMAT!r}"
     return "it has no 'format' entry saying it is one"
 
+# %% ../nbs/05a_checkpoint.ipynb #c0025-1
 def read_checkpoint(path:str|Path)->dict:
     "Read a ds2net checkpoint with `weights_only=True`, checking that it is one and that it is whole."
     path = Path(path)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn, Tensor
 import ipywidgets as widgets
+from fastcore.basics import patch
 from fastai.vision.core import imagenet_stats
 
 from .errors import check, is_whole
@@ -98,31 +99,6 @@ class Explorer:
         self.draws = 0
         self.redraw()
 
-    def maps_of(self, i:int)->StageMaps:
-        "Stage maps of image `i` (computed once)."
-        if i not in self._maps:
-            device = next(self.model.parameters()).device
-            self._maps[i] = stage_maps(self.model, self.x[i:i + 1].to(device),
-                                       None if self.y is None else self.y[i:i + 1], self.mean, self.std)
-        return self._maps[i]
-
-    def attribution_of(self, i:int, method:str)->Tensor:
-        "Attribution of image `i` by `method`, scaled to ±1 as captum draws it (computed on demand, once)."
-        if (i, method) not in self._attr:
-            device = next(self.model.parameters()).device
-            target = explanation_target(self.maps_of(i).fused_prob, None if self.y is None else self.y[i:i + 1])
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore')
-                a = attribute(self.model, self.x[i:i + 1].to(device), method, target=target)
-            self._attr[i, method] = scale_attribution(a)[0, 0]
-        return self._attr[i, method]
-
-    def signals_of(self, i:int)->dict:
-        "TTA variance, MC-dropout variance and side-output disagreement of image `i` (computed on demand, once)."
-        if i not in self._signals:
-            self._signals[i] = {k: v[0, 0] for k, v in uncertainty_signals(self.model, self.x[i:i + 1]).items()}
-        return self._signals[i]
-
     def current(self)->np.ndarray:
         "The (H, W) map now shown."
         i, view = self.index.value, self.view.value
@@ -147,6 +123,35 @@ class Explorer:
                              f'{len(self._signals)} image(s) computed and cached</small>')
 
     def _repr_mimebundle_(self, **kwargs): return self.widget._repr_mimebundle_(**kwargs)
+
+# %% ../nbs/12b_explorer.ipynb #e013-2
+@patch
+def maps_of(self:Explorer, i:int)->StageMaps:
+    "Stage maps of image `i` (computed once)."
+    if i not in self._maps:
+        device = next(self.model.parameters()).device
+        self._maps[i] = stage_maps(self.model, self.x[i:i + 1].to(device),
+                                   None if self.y is None else self.y[i:i + 1], self.mean, self.std)
+    return self._maps[i]
+
+@patch
+def attribution_of(self:Explorer, i:int, method:str)->Tensor:
+    "Attribution of image `i` by `method`, scaled to ±1 as captum draws it (computed on demand, once)."
+    if (i, method) not in self._attr:
+        device = next(self.model.parameters()).device
+        target = explanation_target(self.maps_of(i).fused_prob, None if self.y is None else self.y[i:i + 1])
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            a = attribute(self.model, self.x[i:i + 1].to(device), method, target=target)
+        self._attr[i, method] = scale_attribution(a)[0, 0]
+    return self._attr[i, method]
+
+@patch
+def signals_of(self:Explorer, i:int)->dict:
+    "TTA variance, MC-dropout variance and side-output disagreement of image `i` (computed on demand, once)."
+    if i not in self._signals:
+        self._signals[i] = {k: v[0, 0] for k, v in uncertainty_signals(self.model, self.x[i:i + 1]).items()}
+    return self._signals[i]
 
 # %% ../nbs/12b_explorer.ipynb #e015
 def _collect(data, n:int):

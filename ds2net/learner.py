@@ -135,6 +135,7 @@ class DS2NetLearner(Learner):
         images = dl.decode(b)[0][:max_n].permute(0, 2, 3, 1).cpu().numpy().clip(0, 255).astype(np.uint8)
         show_segmentation(images, probs[:max_n, 0].float().cpu().numpy(), targs[:max_n].cpu().numpy(), threshold, size)
 
+# %% ../nbs/06_learner.ipynb #c0008c-1
 def ds2net_learner(dls,                                  # fastai DataLoaders of images and binary masks (see `segmentation_dls`)
                    encoder:str=PAPER_ENCODER,            # timm encoder name
                    pretrained:bool=False,                # ImageNet weights from timm (needs the hub or its cache)
