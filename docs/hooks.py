@@ -40,10 +40,16 @@ def _fix_toc(output):
 
 MATHJAX_PLACEHOLDER = 'ds2net-mathjax:'  # docs/mkdocs.yml's custom_mathjax_url starts with it
 
+# jupyter-server-mathjax ships MathJax with the STIX-Web fonts only: without this, HTML-CSS output asks for the TeX fonts
+# (a 404 per page) before it falls back. Read by MathJax when it starts, so it goes before the MathJax script.
+MATHJAX_FONTS = ('<script type="text/x-mathjax-config">MathJax.Hub.Config({"HTML-CSS": {availableFonts: [], '
+                 'preferredFont: null, webFont: "STIX-Web", imageFont: null}, SVG: {font: "STIX-Web"}});</script>\n')
+
 def _local_mathjax(output, page):
-    "Point the MathJax script at the site's own copy (assets/mathjax/, put there by tools/docs.py), relative to the page."
+    "Point the MathJax script at the site's own copy (assets/mathjax/, put there by tools/docs.py), relative to the page, with its fonts."
     up = '../' * page.url.count('/')
-    return output.replace(f'src="{MATHJAX_PLACEHOLDER}', f'src="{up}assets/mathjax/')
+    tag = f'<script src="{MATHJAX_PLACEHOLDER}'
+    return output.replace(tag, MATHJAX_FONTS + f'<script src="{up}assets/mathjax/')
 
 def on_post_page(output, page, config):
     return _fix_toc(_script.sub(_keep, _local_mathjax(output, page)))

@@ -117,7 +117,7 @@ def test_formulas_are_typeset_offline(site, serve_folder, page, offsite_requests
     assert (site/'assets'/'mathjax'/'MathJax.js').is_file()
     server = serve_folder(site)
     page.goto(server.url + 'losses.html', wait_until='load')
-    typeset = page.locator('.MathJax_CHTML, .MathJax_Display')
+    typeset = page.locator('.MathJax, .MathJax_CHTML, .MathJax_SVG')  # one per formula, inline or displayed (HTML-CSS, CommonHTML, SVG)
     for _ in range(50):                      # MathJax typesets after the load event
         if typeset.count(): break
         page.wait_for_timeout(200)
@@ -127,4 +127,7 @@ def test_formulas_are_typeset_offline(site, serve_folder, page, offsite_requests
     assert '$$' not in text and '\\frac' not in text, 'raw TeX is visible on losses.html'
     page.locator('.MathJax_Display').first.scroll_into_view_if_needed()
     page.screenshot(path=str(artifacts_dir/'docs-formula.png'), full_page=False)
-    assert not offsite_requests and not console_errors, (offsite_requests, console_errors)
+    # MathJax 2's HTML-CSS output probes web-font support by loading a font from about:blank, which Chromium logs as an
+    # error; that probe, and nothing else, is allowed here
+    probe = [e for e in console_errors if 'about:blank' in e]
+    assert not offsite_requests and console_errors == probe, (offsite_requests, console_errors)
