@@ -124,6 +124,37 @@ def docs_work(tmp_path_factory)->Path:
 
 # ------------------------------------------------------------------ tiny data and trained runs, built once
 
+@pytest.fixture(scope='module')
+def model():
+    "An untrained tiny DS2Net in eval mode (seed 0), built once per test module (stage maps, attribution)."
+    import torch
+    from ds2net.model import DS2Net, TINY_ENCODER
+    torch.manual_seed(0)
+    return DS2Net(TINY_ENCODER).eval()
+
+@pytest.fixture(scope='module')
+def batch():
+    "Two random 64×64 images and a rectangle as the truth of each."
+    import torch
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 64, 64, generator=g)
+    y = torch.zeros(2, 64, 64); y[:, 20:44, 16:40] = 1
+    return x, y
+
+@pytest.fixture(scope='module')
+def learn():
+    "A ds2net Learner trained two epochs on 48 synthetic images at 64×64, once per test module (attribution, explorer)."
+    from fastai.callback.schedule import fit_one_cycle  # noqa: F401
+    from fastai.torch_core import set_seed
+    from ds2net.data import segmentation_dls
+    from ds2net.learner import ds2net_learner
+    from ds2net.model import TINY_ENCODER
+    set_seed(0, reproducible=True)
+    dls = segmentation_dls('synthetic:polyp', size=64, bs=8, n=48, seed=0, device='cpu')
+    learn = ds2net_learner(dls, encoder=TINY_ENCODER, lr=3e-3)
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(2, 3e-3)
+    return learn
+
 @pytest.fixture(scope='session')
 def dls():
     "Synthetic colonoscopy DataLoaders on the CPU: 64×64, batches of 4, 16 images to train on and 4 to validate."

@@ -21,29 +21,6 @@ from ds2net.attribution import (ATTRIBUTION_METHODS, LAYER_NAMES, ForegroundLogi
                                 explanation_target, normalize_attribution, resolve_layer, scale_attribution, show_attributions)
 
 
-@pytest.fixture(scope='module')
-def model():
-    torch.manual_seed(0)
-    return DS2Net(TINY_ENCODER).eval()
-
-
-@pytest.fixture(scope='module')
-def batch():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 3, 64, 64, generator=g)
-    y = torch.zeros(2, 64, 64); y[:, 20:44, 16:40] = 1
-    return x, y
-
-
-@pytest.fixture(scope='module')
-def learn():
-    set_seed(0, reproducible=True)
-    dls = segmentation_dls('synthetic:polyp', size=64, bs=8, n=48, seed=0, device='cpu')
-    learn = ds2net_learner(dls, encoder=TINY_ENCODER, lr=3e-3)
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(2, 3e-3)
-    return learn
-
-
 def test_foreground_logit_sum_repeats_the_mask_for_captums_expanded_batches(model, batch):
     x, y = batch
     mask = y[:, None]

@@ -13,15 +13,6 @@ from ds2net.model import TINY_ENCODER
 from ds2net.explorer import explore
 
 
-@pytest.fixture(scope='module')
-def learn():
-    set_seed(0, reproducible=True)
-    dls = segmentation_dls('synthetic:polyp', size=64, bs=8, n=48, seed=0, device='cpu')
-    learn = ds2net_learner(dls, encoder=TINY_ENCODER, lr=3e-3)
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(2, 3e-3)
-    return learn
-
-
 def test_explorer_redraws_on_every_widget_change_and_caches(learn):
     ex = explore(learn, n=6)
     assert ex.index.max == 5 and ex.draws == 1 and ex.image.value[:4] == b'\x89PNG'

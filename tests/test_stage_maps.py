@@ -13,20 +13,6 @@ from ds2net.model import DS2Net, TINY_ENCODER
 from ds2net.stage_maps import denormalize, dice_at, pixel_uncertainty, show_stage_maps, show_uncertainty, stage_maps
 
 
-@pytest.fixture(scope='module')
-def model():
-    torch.manual_seed(0)
-    return DS2Net(TINY_ENCODER).eval()
-
-
-@pytest.fixture(scope='module')
-def batch():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 3, 64, 64, generator=g)
-    y = torch.zeros(2, 64, 64); y[:, 20:44, 16:40] = 1
-    return x, y
-
-
 def test_stage_maps_fields_shapes_and_values(model, batch):
     x, y = batch
     m = stage_maps(model, x, y)
