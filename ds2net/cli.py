@@ -81,7 +81,7 @@ def _train_args(t):
 # %% ../nbs/14_cli.ipynb #c0006b
 def _evaluate_args(e):
     from ds2net.evaluate import evaluate_checkpoint as f
-    e.add_argument('--model', dest='checkpoint', required=True, help='a ds2net checkpoint (best.pth)')
+    e.add_argument('--model', dest='checkpoint', required=True, help='a ds2net checkpoint (best.pth), a pretrained folder or an .onnx export')
     e.add_argument('--data', required=True, nargs='+', help='test folders (or folders of test sets), or synthetic:<kind>')
     e.add_argument('--out', dest='csv', default=None, help='also write the table to this new CSV file (checked before any work)')
     e.add_argument('--overwrite', action='store_true', help='replace the CSV file of --out if it exists (refused without it)')
@@ -92,7 +92,7 @@ def _evaluate_args(e):
     e.add_argument('--device', choices=_DEVICES, default=None)
 
 def _predict_args(pr):
-    pr.add_argument('--model', dest='checkpoint', required=True, help='a ds2net checkpoint')
+    pr.add_argument('--model', dest='checkpoint', required=True, help='a ds2net checkpoint (best.pth), a pretrained folder or an .onnx export (onnxruntime)')
     pr.add_argument('--input', dest='inp', required=True, help='an image file or a folder of images')
     pr.add_argument('--out', required=True, help="output folder (never the input folder or a data set's masks folder)")
     pr.add_argument('--overlay', action='store_true', help='also write <name>_overlay.png')

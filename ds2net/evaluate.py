@@ -18,7 +18,7 @@ from .errors import ParameterError, check, is_whole
 from .files import IMAGE_EXTS, check_out_file, is_image_name, make_out_folder, names_text, remove_if_empty
 from .data import (Sample, detect_layout, find_test_sets, load_samples, make_synthetic, read_image, read_mask,
                          read_masks_union, synthetic_kind)
-from .inference import model_from_checkpoint, predict_probabilities, resolve_device
+from .inference import load_model, predict_probabilities, resolve_device
 from .metrics import (SegmentationEvaluator, check_mask, check_prediction, resize_prediction, evaluate_set,
                             evaluation_table)
 
@@ -164,7 +164,7 @@ def _check_evaluation_args(n_synthetic, bs, gt_threshold):
 
 def _score_sources(checkpoint, sources, kinds, folders, n_synthetic, bs, device, gt_threshold, field_specificity)->dict:
     scanned = {d: scan_test_sets(d, gt_threshold) for d in folders}  # every file, before the network is built
-    model, config = model_from_checkpoint(checkpoint)
+    model, config = load_model(checkpoint)
     model.to(resolve_device(device))
     size = config['size'] if isinstance(config['size'], int) else config['size'][0]
     rows = {}
@@ -175,7 +175,7 @@ def _score_sources(checkpoint, sources, kinds, folders, n_synthetic, bs, device,
             rows[name] = score_pairs(model, config, _pairs(samples, gt_threshold), bs, field_specificity)
     return rows
 
-def evaluate_checkpoint(checkpoint, # a ds2net checkpoint
+def evaluate_checkpoint(checkpoint, # a ds2net checkpoint, a pretrained folder or an .onnx export
                         data,       # one or several data arguments (see `load_test_sets`)
                         csv=None,   # write the table to this new .csv file too (checked before any work)
                         n_synthetic:int=100, bs:int=8, device=None,

@@ -296,3 +296,27 @@ def test_onnx_model_moves_like_a_pytorch_model(exports):
     with pytest.raises(ParameterError) as e: session.to('cuda')
     assert str(e.value) == ("device='cuda': this onnxruntime runs ONNX models on the CPU only (install onnxruntime-gpu for "
                             "CUDA); use device='cpu'")
+
+def test_predict_and_evaluate_take_all_three_forms(run, tmp_path):
+    "`ds2net predict` and `ds2net evaluate` from a checkpoint, a pretrained folder and an ONNX file: the same maps, the same table."
+    from ds2net.inference import predict_files, load_model
+    from ds2net.evaluate import evaluate_checkpoint, read_prediction
+    from PIL import Image
+    sources = {'checkpoint': run/'best.pth',
+               'folder': export_checkpoint(run/'best.pth', tmp_path/'folder', format='pretrained'),
+               'onnx': export_checkpoint(run/'best.pth', tmp_path/'m.onnx', format='onnx')}
+    assert isinstance(load_model(sources['onnx'])[0], OnnxModel) and isinstance(load_model(sources['folder'])[0], DS2Net)
+    inp = tmp_path/'images'; inp.mkdir()
+    for k, im in enumerate(_images([(96, 96), (75, 110)], seed=5)): Image.fromarray(im).save(inp/f'im{k}.png')
+    maps, tables = {}, {}
+    for name, src in sources.items():
+        written = predict_files(src, inp, tmp_path/f'pred-{name}')
+        assert [p.name for p in written] == ['im0.png', 'im1.png']
+        maps[name] = [read_prediction(p) for p in written]
+        tables[name] = evaluate_checkpoint(src, 'synthetic:polyp', n_synthetic=4)
+    for name in ('folder', 'onnx'):
+        for a, b in zip(maps['checkpoint'], maps[name]):
+            assert np.abs(a - b).max() <= 1 / 255 + 1e-6, name  # PNGs hold probability × 255, rounded
+        np.testing.assert_allclose(tables[name].to_numpy(float), tables['checkpoint'].to_numpy(float), atol=2e-3)
+    with pytest.raises(Exception) as e: load_model(tmp_path/'images')
+    assert 'config.json' in str(e.value)
