@@ -4,16 +4,19 @@
 
 # %% auto #0
 __all__ = ['ATTRIBUTION_METHODS', 'LAYER_NAMES', 'ForegroundLogitSum', 'resolve_layer', 'attribute', 'explanation_target',
-           'normalize_attribution', 'scale_attribution', 'show_attribution', 'show_attributions',
-           'DS2NetInterpretation', 'show_worst']
+           'normalize_attribution', 'scale_attribution', 'show_attribution', 'show_attributions', 'cascade_stages',
+           'randomize_modules', 'rank_correlation', 'CascadeResult', 'cascading_randomization', 'show_cascade',
+           'plot_rank_correlation', 'time_attributions', 'DS2NetInterpretation', 'show_worst']
 
 # %% ../nbs/12a_attribution.ipynb #a003
-import warnings
+import copy, time, warnings
+from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn, Tensor
-from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion, Saliency
+from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion, Saliency, visualization
 from fastai.interpret import Interpretation
 
 from .errors import ParameterError, check, is_whole
@@ -22,7 +25,7 @@ from .losses import as_float_mask
 from .scores import overlap_scores
 from .learner import data_config
 from .stage_maps import StageMaps, stage_maps, check_images, _as_mask
-from .viz import MAP_KINDS, show_map, show_truth, show_prediction, colorbar, outline_legend
+from .viz import ATTRIBUTION_CMAP, SERIES_COLORS, show_map, show_truth, show_prediction, colorbar, outline_legend
 
 # %% ../nbs/12a_attribution.ipynb #a008
 class ForegroundLogitSum(nn.Module):
@@ -150,11 +153,20 @@ def scale_attribution(attr:Tensor,           # (B, 1, H, W) attributions
 
 # %% ../nbs/12a_attribution.ipynb #a022
 def show_attribution(ax, attr, image, title:str='', gt=None, pred=None, alpha:float=0.6, outlier_perc:float=2.):
-    "One panel: the (H, W) attribution, scaled by `scale_attribution`, over the image in grey; returns the heat map."
-    ax.imshow(np.asarray(image).mean(2), cmap='gray')
-    a = scale_attribution(torch.as_tensor(np.asarray(attr, dtype=np.float32))[None, None], outlier_perc)[0, 0]
-    im = show_map(ax, a.numpy(), title, kind='attribution', gt=gt, pred=pred)
-    im.set_alpha(alpha)
+    "One panel: captum's `visualize_image_attr` (blended heat map, sign 'all') of the (H, W) map over the image in grey; returns the heat map."
+    a = np.asarray(attr, dtype=np.float32)
+    img = np.clip(np.asarray(image, dtype=np.float32), 0, 1)
+    if np.abs(a).max() > 0:
+        visualization.visualize_image_attr(a[..., None], img, 'blended_heat_map', 'all', (ax.figure, ax), outlier_perc,
+                                           ATTRIBUTION_CMAP, alpha, use_pyplot=False)
+    else:  # captum divides by the map's scale, 0 here: the same drawing with a map of zeros
+        ax.imshow(img.mean(2), cmap='gray')
+        ax.imshow(a, cmap=ATTRIBUTION_CMAP, vmin=-1, vmax=1, alpha=alpha)
+    im = ax.images[-1]
+    ax.set_xticks([]); ax.set_yticks([])
+    if title: ax.set_title(title, fontsize=9)
+    if gt is not None: show_truth(ax, gt)
+    if pred is not None: show_prediction(ax, pred)
     return im
 
 def show_attributions(maps:StageMaps,   # `stage_maps` of the same images (for the image, truth and prediction)
@@ -178,6 +190,156 @@ def show_attributions(maps:StageMaps,   # `stage_maps` of the same images (for t
     colorbar(fig, im, axs[:, 1:], 'attribution', shrink=0.7)
     outline_legend(fig, None if maps.masks is None else 'ground truth', 'prediction (p ≥ 0.5)')
     return fig
+
+# %% ../nbs/12a_attribution.ipynb #a025b
+def cascade_stages(model:nn.Module)->dict:
+    "DS2Net's blocks from the output down to the input: stage label -> names of its modules (`model.get_submodule`)."
+    check(hasattr(model, 'forward_with_masks'), 'stages', "cascade_stages lists DS2Net's blocks, and the model is a "
+          "{kind}: pass {stages} as a dict of label -> module names, from the output down", kind=type(model).__name__)
+    names = {id(m): n for n, m in model.named_modules()}
+    enc = [_encoder_stage(model.encoder, k) for k in range(4)]
+    inside = {id(p) for m in enc for p in m.parameters()}
+    stem = [names[id(m)] for m in model.encoder.modules()
+            if any(id(p) not in inside for p in m.parameters(recurse=False))]
+    stages = {'heads': ['heads']}
+    for k in (2, 1, 0): stages[f'dem{k + 1} + sem{k + 1}'] = [f'detail_path.{k}', f'semantic_path.{k}']
+    stages['translation'] = ['translation']
+    for k in (3, 2, 1, 0): stages[f'encoder{k + 1}'] = [names[id(enc[k])]]
+    stages['stem'] = stem
+    return stages
+
+def randomize_modules(modules, seed:int=0):
+    "Re-initialise `modules` in place: `reset_parameters` where a layer has one, else a normal draw of the parameter's own mean and spread."
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for module in modules:
+            for sub in module.modules():
+                if hasattr(sub, 'reset_parameters'): sub.reset_parameters()
+                else:
+                    for p in sub.parameters(recurse=False):
+                        p.normal_(float(p.mean()), float(p.std()) if p.numel() > 1 else 1.)
+
+def _average_ranks(v:Tensor)->Tensor:
+    "Ranks 1..n of a 1-D tensor, tied values sharing their average rank."
+    _, inverse, counts = torch.unique(v, return_inverse=True, return_counts=True)
+    last = counts.cumsum(0).double()
+    return (last - (counts.double() - 1) / 2)[inverse]
+
+def rank_correlation(a:Tensor,             # (B, ...) maps
+                     b:Tensor,             # (B, ...) maps of the same images
+                     absolute:bool=True,   # rank |attribution| (Adebayo et al.'s main measure) rather than signed values
+                    )->Tensor:
+    "Spearman's rank correlation of each image's map in `a` with its map in `b`: (B,); 0 where a map is constant."
+    a, b = a.detach().double().cpu().flatten(1), b.detach().double().cpu().flatten(1)
+    if absolute: a, b = a.abs(), b.abs()
+    out = []
+    for u, v in zip(a, b):
+        ru, rv = _average_ranks(u), _average_ranks(v)
+        ru, rv = ru - ru.mean(), rv - rv.mean()
+        den = (ru.square().sum() * rv.square().sum()).sqrt()
+        out.append(float((ru * rv).sum() / den) if den > 0 else 0.)
+    return torch.tensor(out)
+
+
+# %% ../nbs/12a_attribution.ipynb #a025d
+@dataclass
+class CascadeResult:
+    "What `cascading_randomization` measured."
+    stages: list         # 'trained', then each stage's label, in the order they were randomised
+    maps: dict           # method -> (S + 1, B, 1, H, W) maps, row 0 the trained model's
+    rho: dict            # method -> (S + 1, B) rank correlation of each image's map with the trained model's
+    model: nn.Module     # the copy, with every stage randomised
+    @property
+    def table(self)->pd.DataFrame:
+        "Mean rank correlation over the images: one row per stage (randomised down to it), one column per method."
+        return pd.DataFrame({m.replace('_', ' '): r.mean(1).numpy() for m, r in self.rho.items()},
+                            index=pd.Index(self.stages, name='randomised down to'))
+
+def cascading_randomization(model:nn.Module,          # a trained network (not modified: a copy is randomised)
+                            x:Tensor,                  # (B, 3, H, W) normalised images
+                            methods=ATTRIBUTION_METHODS,   # the methods to check
+                            stages:dict|None=None,     # label -> module names, from the output down; None: `cascade_stages`
+                            target=None,               # what to explain (`attribute`); default the trained model's predicted foreground
+                            seed:int=0,                # of the re-initialisation (stage k uses `seed + k`)
+                            absolute:bool=True,        # rank correlation of |attribution| (see `rank_correlation`)
+                            **kwargs,                  # passed to `attribute` (n_steps, window, layer, ...)
+                           )->CascadeResult:
+    "Adebayo et al.'s cascading randomisation: each method's map after randomising the stages one by one, against the trained map."
+    x = check_images(x)
+    net = copy.deepcopy(model).eval()
+    stages = cascade_stages(net) if stages is None else dict(stages)
+    if target is None:
+        with torch.no_grad(): target = (fuse_side_outputs(model.eval()(x.to(next(model.parameters()).device))) > 0).float()
+    opts = lambda m: {k: v for k, v in kwargs.items() if (k != 'layer' or m == 'gradcam')}
+    trained = {m: attribute(model, x, m, target=target, **opts(m)).cpu() for m in methods}
+    maps = {m: [] for m in methods}
+    for k, label in enumerate([None, *stages]):
+        if label is not None: randomize_modules([net.get_submodule(n) for n in stages[label]], seed + k)
+        for m in methods: maps[m].append(attribute(net, x, m, target=target, **opts(m)).cpu())
+    maps = {m: torch.stack(v) for m, v in maps.items()}
+    rho = {m: torch.stack([rank_correlation(s, trained[m], absolute) for s in v]) for m, v in maps.items()}
+    return CascadeResult(['trained', *stages], maps, rho, net)
+
+
+# %% ../nbs/12a_attribution.ipynb #a025g
+def show_cascade(result:CascadeResult,  # from `cascading_randomization`
+                 images,                # (B, H, W, 3) images in 0..1 (`stage_maps(...).images`)
+                 i:int=0,               # which image
+                 gt=None,               # its (H, W) ground truth, outlined
+                 size:float=1.5):       # inches per panel
+    "One row per method, one column per stage: image `i`'s signed map (captum's drawing) as the network is randomised from the top."
+    import matplotlib.pyplot as plt
+    methods = list(result.maps)
+    fig, axs = plt.subplots(len(methods), len(result.stages), squeeze=False, constrained_layout=True,
+                            figsize=(size * len(result.stages) + 1, size * len(methods) + 0.6))
+    img = np.asarray(images[i])
+    for r, m in enumerate(methods):
+        for c, stage in enumerate(result.stages):
+            im = show_attribution(axs[r, c], result.maps[m][c, i, 0], img, stage if r == 0 else '', gt=gt)
+            axs[r, c].set_xlabel(f'ρ = {float(result.rho[m][c, i]):.2f}', fontsize=8, labelpad=1)
+        axs[r, 0].set_ylabel(m.replace('_', ' '), fontsize=9)
+    colorbar(fig, im, axs, 'attribution', shrink=0.6)
+    fig.suptitle('Each map as the network is randomised from the output down (left to right); '
+                 'ρ: rank correlation with the trained map', fontsize=10)
+    return fig
+
+def plot_rank_correlation(result:CascadeResult, ax=None):
+    "Adebayo et al.'s curve: mean rank correlation with the trained map (± its spread over the images) per stage, per method."
+    import matplotlib.pyplot as plt
+    if ax is None: _, ax = plt.subplots(figsize=(7.5, 3.4), constrained_layout=True)
+    s = np.arange(len(result.stages))
+    for (m, r), color in zip(result.rho.items(), SERIES_COLORS):
+        mean, sd = r.mean(1).numpy(), r.std(1).numpy() if r.shape[1] > 1 else np.zeros(len(s))
+        ax.plot(s, mean, 'o-', color=color, label=m.replace('_', ' '))
+        ax.fill_between(s, mean - sd, mean + sd, color=color, alpha=0.15, lw=0)
+    ax.axhline(0, color='0.5', lw=0.8)
+    ax.set_xticks(s, result.stages, rotation=35, ha='right', fontsize=8)
+    ax.set_ylim(-0.25, 1.05); ax.set_ylabel('rank correlation\nwith the trained map')
+    ax.set_xlabel('randomised from the output down to')
+    ax.legend(fontsize=8, frameon=False)
+    return ax.figure
+
+
+# %% ../nbs/12a_attribution.ipynb #a025l
+def time_attributions(model:nn.Module,            # the network
+                      x:Tensor,                   # (B, 3, H, W) normalised images
+                      methods=ATTRIBUTION_METHODS,
+                      repeats:int=5,              # timed calls per method; the median is reported
+                      warmup:int=1,               # untimed calls first (allocations, captum's set-up, caches)
+                      options:dict|None=None,     # method -> keyword arguments of `attribute`, e.g. {'occlusion': dict(window=32)}
+                     )->pd.DataFrame:
+    "Seconds per image of each method: the median of `repeats` calls after `warmup` untimed ones, and the fastest and slowest."
+    check(is_whole(repeats) and repeats >= 1, 'repeats', "{repeats=given}: time at least one call", given=repeats)
+    options, rows = options or {}, {}
+    for m in methods:
+        kw = options.get(m, {})
+        for _ in range(warmup): attribute(model, x, m, **kw)
+        t = []
+        for _ in range(repeats):
+            t0 = time.perf_counter(); attribute(model, x, m, **kw); t.append((time.perf_counter() - t0) / len(x))
+        rows[m.replace('_', ' ')] = dict(median=float(np.median(t)), fastest=min(t), slowest=max(t))
+    return pd.DataFrame(rows).T.rename_axis('seconds per image')
+
 
 # %% ../nbs/12a_attribution.ipynb #a027
 class DS2NetInterpretation(Interpretation):

@@ -1,5 +1,6 @@
-"Captum attributions and the interpretation class of `ds2net.attribution`: values against gradients, completeness, occlusion, Grad-CAM layers, fastai's Interpretation."
-import warnings
+"Captum attributions and the interpretation class of `ds2net.attribution`: values against gradients, completeness, occlusion, Grad-CAM layers, captum's drawing, the cascading-randomisation sanity check, timing, fastai's Interpretation."
+import copy, warnings
+from types import SimpleNamespace
 
 import matplotlib
 matplotlib.use('Agg')
@@ -11,6 +12,7 @@ from captum.attr import visualization
 from fastai.callback.schedule import fit_one_cycle  # noqa: F401
 from fastai.interpret import Interpretation
 from fastai.torch_core import set_seed
+from scipy import stats
 
 from ds2net.data import segmentation_dls
 from ds2net.learner import ds2net_learner
@@ -18,7 +20,8 @@ from ds2net.model import DS2Net, TINY_ENCODER
 from ds2net.scores import dice_at
 from ds2net.stage_maps import stage_maps
 from ds2net.attribution import (ATTRIBUTION_METHODS, LAYER_NAMES, ForegroundLogitSum, DS2NetInterpretation, attribute,
-                                explanation_target, normalize_attribution, resolve_layer, scale_attribution, show_attributions)
+                                explanation_target, normalize_attribution, resolve_layer, scale_attribution, show_attributions,
+                                show_attribution, cascade_stages, cascading_randomization, randomize_modules, rank_correlation)
 
 
 def test_foreground_logit_sum_repeats_the_mask_for_captums_expanded_batches(model, batch):
@@ -212,3 +215,73 @@ def test_attribute_refuses_bad_arguments_before_any_work(model, batch):
                             "layer=model.<block>")
     conv = torch.nn.Conv2d(3, 1, 3, padding=1)  # any network, with its own layer: Grad-CAM works
     assert attribute(torch.nn.Sequential(conv), x, 'gradcam', layer=conv).shape == (2, 1, 64, 64)
+
+
+def test_cascading_randomization_matches_scipy_and_leaves_the_model_alone(learn, batch):
+    "Adebayo et al.'s cascade: stage 0 gives the trained maps (ρ = 1), the correlations are scipy's Spearman of |map|, "
+    "each stage randomises the stages above it too, every weight of the copy is re-drawn and the model passed in is not."
+    net, (x, y) = learn.model.eval(), batch
+    before = {n: p.clone() for n, p in net.state_dict().items()}
+    cas = cascading_randomization(net, x, ('saliency', 'gradcam'), target=y)
+    assert cas.stages == ['trained', 'heads', 'dem3 + sem3', 'dem2 + sem2', 'dem1 + sem1', 'translation',
+                          'encoder4', 'encoder3', 'encoder2', 'encoder1', 'stem']
+    assert list(cas.table.columns) == ['saliency', 'gradcam'] and cas.table.shape == (11, 2)
+    np.testing.assert_allclose(cas.table.loc['trained'].values, 1, atol=1e-9)
+    assert all(torch.equal(p, before[n]) for n, p in net.state_dict().items()), 'the model passed in was modified'
+    trained = dict(net.named_parameters())
+    same = [n for n, p in cas.model.named_parameters() if torch.equal(p, trained[n])]
+    assert same == [], f'weights left as trained after the full cascade: {same}'
+    ref = attribute(net, x, 'saliency', target=y)
+    for k in range(len(cas.stages)):
+        for i in range(len(x)):
+            expected = stats.spearmanr(cas.maps['saliency'][k, i].abs().flatten(), ref[i].abs().flatten())[0]
+            assert float(cas.rho['saliency'][k, i]) == pytest.approx(expected, abs=1e-6), (cas.stages[k], i)
+    # stage 2 by hand: a fresh copy with the heads and the finest DEM and SEM re-initialised (seeds 1 and 2)
+    by_hand = copy.deepcopy(net)
+    randomize_modules([by_hand.heads], seed=1)
+    randomize_modules([by_hand.detail_path[2], by_hand.semantic_path[2]], seed=2)
+    torch.testing.assert_close(cas.maps['gradcam'][2], attribute(by_hand, x, 'gradcam', target=y))
+    assert torch.equal(by_hand.detail_path[1].fuse[0].weight, net.detail_path[1].fuse[0].weight)  # the stages below untouched
+    assert cas.rho['saliency'][-1].abs().max() < 0.9          # a random network's saliency is not the trained one's
+
+
+def test_rank_correlation_is_spearmans_with_ties():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, 1, 8, 8, generator=g)
+    a[0, 0, :4] = 0                                           # ties: a block of zeros
+    for absolute in (True, False):
+        f = (lambda t: t.abs()) if absolute else (lambda t: t)
+        expected = [stats.spearmanr(f(a[i]).flatten(), f(b[i]).flatten())[0] for i in range(3)]
+        np.testing.assert_allclose(rank_correlation(a, b, absolute).numpy(), expected, atol=1e-12)
+    assert rank_correlation(torch.zeros(1, 5), torch.randn(1, 5)).tolist() == [0.0]
+    with pytest.raises(ValueError) as e: cascade_stages(torch.nn.Conv2d(3, 1, 1))
+    assert str(e.value) == ("cascade_stages lists DS2Net's blocks, and the model is a Conv2d: pass stages as a dict of "
+                            "label -> module names, from the output down")
+
+
+def test_time_attributions_reports_a_median_after_warm_up(model, batch, monkeypatch):
+    "The median of the timed calls, per image, after untimed warm-up calls: counted with a fake `attribute` and a fake clock."
+    import ds2net.attribution as A
+    calls, clock = [], iter([0., 3., 10., 11., 20., 26.])      # three timed calls: 3 s, 1 s, 6 s for 2 images
+    monkeypatch.setattr(A, 'attribute', lambda model, x, m, **kw: calls.append((m, kw)))
+    monkeypatch.setattr(A, 'time', SimpleNamespace(perf_counter=lambda: next(clock)))
+    t = A.time_attributions(model, batch[0], ('occlusion',), repeats=3, warmup=2, options={'occlusion': dict(window=8)})
+    assert calls == [('occlusion', dict(window=8))] * 5       # 2 warm-up + 3 timed
+    assert t.loc['occlusion'].tolist() == [1.5, 0.5, 3.0]      # median, fastest, slowest per image
+    with pytest.raises(ValueError, match='repeats=0: time at least one call'): A.time_attributions(model, batch[0], repeats=0)
+
+
+def test_show_attribution_is_captums_drawing(model, batch):
+    x, y = batch
+    a = attribute(model, x[:1], 'integrated_gradients', target=y[:1], n_steps=4)
+    img = stage_maps(model, x[:1]).images[0].numpy()
+    fig, (ax, ref, zero) = plt.subplots(1, 3)
+    im = show_attribution(ax, a[0, 0], img, 'ig', gt=y[0].numpy())
+    visualization.visualize_image_attr(a[0].permute(1, 2, 0).numpy(), img, 'blended_heat_map', 'all', (fig, ref),
+                                       cmap='RdBu_r', alpha_overlay=0.6, use_pyplot=False)
+    np.testing.assert_array_equal(im.get_array(), ref.images[-1].get_array())
+    np.testing.assert_array_equal(ax.images[0].get_array(), ref.images[0].get_array())   # the same grey image under it
+    assert im.get_cmap().name == 'RdBu_r' and im.get_clim() == (-1, 1) and im.get_alpha() == 0.6 and ax.get_title() == 'ig'
+    z = show_attribution(zero, np.zeros((64, 64)), img)                                  # captum refuses a zero map
+    assert np.asarray(z.get_array()).max() == 0 and z.get_clim() == (-1, 1)
+    plt.close(fig)
