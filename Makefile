@@ -83,8 +83,12 @@ pytest: install
 
 # 4. every notebook executes on CPU (cells flagged `#|gpu` or `#|slow` are skipped). One notebook at a time:
 #    two at once, each with torch's own threads, ran ten times slower on 2 cores.
+# The tutorials run in a real JupyterLab in tests/test_jupyterlab.py (no error, no warning, every figure shown); where
+# Chromium is there to run them, nbdev_test leaves them out rather than run them twice.
+CHROMIUM ?= $(or $(DS2NET_CHROMIUM),/usr/bin/chromium)
+NBTEST_SKIP := $(if $(wildcard $(CHROMIUM)),--skip_folder_re '^([_.]|tutorials$$)',)
 nbtest: install
-	$(BIN)/nbdev_test --n_workers 1 --timing
+	$(BIN)/nbdev_test --n_workers 1 --timing $(NBTEST_SKIP)
 
 # The docs site (tools/docs.py, nbs/15_docs.ipynb): nbdev's processing in .venv, MkDocs Material + mkdocs-jupyter
 # in their own .venv-docs (jupytext, which mkdocs-jupyter pulls in, must stay out of the lab's .venv).

@@ -89,6 +89,8 @@ def _evaluate_args(e):
     e.add_argument('--n-synthetic', type=int, default=_default(f, 'n_synthetic'), help=f"images of a synthetic test set (default {_default(f, 'n_synthetic')})")
     e.add_argument('--threshold', dest='gt_threshold', type=int, default=_default(f, 'gt_threshold'),
                    help=f"mask values above this are foreground (default {_default(f, 'gt_threshold')}; 127 for JPEG masks)")
+    e.add_argument('--calibration', action='store_true', help='add ECE (equal-width and equal-mass bins), Brier score and NLL '
+                   'of the fused probability after the 13 columns, and the same at the fitted temperature when the model has one')
     e.add_argument('--device', choices=_DEVICES, default=None)
 
 def _predict_args(pr):
@@ -97,6 +99,10 @@ def _predict_args(pr):
     pr.add_argument('--out', required=True, help="output folder (never the input folder or a data set's masks folder)")
     pr.add_argument('--overlay', action='store_true', help='also write <name>_overlay.png')
     pr.add_argument('--overwrite', action='store_true', help='replace files of the same names in OUT (refused without it)')
+    pr.add_argument('--calibrated', action='store_true', help='divide the logits by the temperature fitted on the validation '
+                    'split at the end of training (stored in best.pth and its exports): calibrated probabilities, same mask at 0.5')
+    pr.add_argument('--tta', action='store_true', help='test-time augmentation: average the probabilities of the four flips, '
+                    'each flipped back (PyTorch forms only; four times the work)')
     pr.add_argument('--device', choices=_DEVICES, default=None)
 
 def _export_args(x):
@@ -147,6 +153,8 @@ def _bench_args(b):
     b.add_argument('--compile', action='store_true', help="the library's network through torch.compile")
     b.add_argument('--workers', type=_ints, default=d('workers'), help='DataLoader workers to time, e.g. 0,2 (empty string: skip)')
     b.add_argument('--no-authors', dest='authors', action='store_false', help="time the library's step only")
+    b.add_argument('--no-backends', dest='backends', action='store_false', help='skip timing inference in PyTorch fp32, '
+                   'bf16 autocast and onnxruntime on the CPU (an ONNX export of the network first)')
     b.add_argument('--json', default=None, help='write the JSON to this new .json file, checked before the benchmark runs (default: stdout)')
     b.add_argument('--overwrite', action='store_true', help='replace the file of --json if it exists (refused without it)')
 
@@ -214,13 +222,17 @@ def _evaluate(args):
     import pandas as pd
     from ds2net.evaluate import evaluate_checkpoint
     table = evaluate_checkpoint(args.checkpoint, args.data, csv=args.csv, n_synthetic=args.n_synthetic, bs=args.bs,
-                                device=args.device, gt_threshold=args.gt_threshold, overwrite=args.overwrite)
-    with pd.option_context('display.width', 200, 'display.max_columns', 20): print(table.round(4).to_string())
+                                device=args.device, gt_threshold=args.gt_threshold, overwrite=args.overwrite,
+                                calibration=args.calibration)
+    with pd.option_context('display.width', 200, 'display.max_columns', 40): print(table.round(4).to_string())
     if args.csv: print(f'written to {args.csv}')
 
 def _predict(args):
     from ds2net.inference import predict_files
-    written = predict_files(args.checkpoint, args.inp, args.out, overlay=args.overlay, overwrite=args.overwrite, device=args.device)
+    transforms = None
+    if args.tta: from ds2net.uncertainty import FLIPS as transforms
+    written = predict_files(args.checkpoint, args.inp, args.out, overlay=args.overlay, overwrite=args.overwrite, device=args.device,
+                            calibrated=args.calibrated, transforms=transforms)
     overlays = f" and {_count(len(written), 'overlay')}" if args.overlay else ''
     print(f"{_count(len(written), 'probability mask')}{overlays} written to {args.out}")
 
@@ -245,10 +257,16 @@ def _bench(args):
     from ds2net.bench import run_bench  # it checks --json before the benchmark runs and writes it (ds2net.bench's rule)
     res = run_bench(args.device, encoder=args.encoder, size=args.size, bs=args.bs, precision=args.precision, steps=args.steps,
                     warmup=args.warmup, channels_last=args.channels_last, compile=args.compile, workers=args.workers,
-                    authors=args.authors, json=args.json, overwrite=args.overwrite)
+                    authors=args.authors, backends=args.backends, json=args.json, overwrite=args.overwrite)
     if not args.json: print(json.dumps(res, indent=2, allow_nan=False)); return
     print(f"library step {res['library']['step_s']:.3f} s" + (f", authors' {res['authors']['step_s']:.3f} s, train_speedup "
-          f"{res['train_speedup']:.2f}, infer_speedup {res['infer_speedup']:.2f}" if 'authors' in res else '') + f"; written to {args.json}")
+          f"{res['train_speedup']:.2f}, infer_speedup {res['infer_speedup']:.2f}" if 'authors' in res else '') + _backends_text(res)
+          + f"; written to {args.json}")
+
+def _backends_text(res)->str:
+    if 'inference_backends' not in res: return ''
+    return '; inference images/s on the CPU: ' + ', '.join(f"{name} {row['images_per_s']:.2f}" for name, row in
+                                                          res['inference_backends']['images_per_s'].items())
 
 def _export(args):
     from ds2net.export import export_checkpoint

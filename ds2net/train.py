@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['PRECISIONS', 'MAX_SCALE', 'RUN_FILES', 'RunConfig', 'default', 'default_precision', 'set_precision',
            'check_encoder_sizes', 'check_run_folder', 'check_run', 'trained_on', 'TrainingInterrupted', 'seeded',
-           'run_training', 'train']
+           'calibrate_best', 'run_training', 'train']
 
 # %% ../nbs/11_train.ipynb #t0003
 import json, math, signal, time, warnings
@@ -343,11 +343,30 @@ def _finish(c:RunConfig, learn, dls, checkpoints, info:dict, write_summary:bool)
         fig = plot_weight_trajectories(learn.deep_supervision); fig.savefig(out/'weights.png', dpi=100); plt.close(fig)
     best = checkpoints.best if (out/'best.pth').is_file() else None  # the score of a file that is there, or none
     best = float(best) if best is not None and math.isfinite(best) else None
+    temperature = calibrate_best(out/'best.pth', dls, info['device']) if best is not None else None
     summary = dict(out=str(out), seconds=info['seconds'], epochs=c.epochs, start_epoch=info['start_epoch'], best_dice=best,
                    lr=info['lr'], lr_source=info['lr_source'], device=info['device'], precision=info['precision'],
-                   world_size=info['world_size'], n_train=len(dls.train_ds), n_valid=len(dls.valid_ds))
+                   world_size=info['world_size'], n_train=len(dls.train_ds), n_valid=len(dls.valid_ds), temperature=temperature)
     if write_summary: atomic_write_text(out/'summary.json', json.dumps(summary, indent=2, allow_nan=False))
     return summary
+
+# %% ../nbs/11_train.ipynb #t0022b
+def calibrate_best(path:Path,  # the run's best.pth
+                   dls,         # the run's DataLoaders: the temperature is fitted on their validation split
+                   device=None)->float|None:
+    "Fit the temperature of `path`'s fused logits on the validation split and store it in its config (atomically); None, and the file untouched, if it cannot be fitted."
+    import torch
+    from ds2net.checkpoint import read_checkpoint, model_from_checkpoint, save_checkpoint
+    from ds2net.calibration import fit_model_temperature, validation_pairs
+    model, config = model_from_checkpoint(path)
+    try:
+        with warnings.catch_warnings():  # a temperature at an end of the interval searched is no fit (a network barely trained)
+            warnings.filterwarnings('error', message='the fitted temperature', category=UserWarning)
+            temperature = fit_model_temperature(model, validation_pairs(dls), config, device=device)
+    except (ValueError, UserWarning): return None  # that, or validation masks with no foreground (or no background)
+    ckpt = read_checkpoint(path)
+    save_checkpoint(path, model, {**ckpt['config'], 'temperature': temperature}, **{k: v for k, v in ckpt.items() if k not in ('format', 'config', 'model')})
+    return temperature
 
 # %% ../nbs/11_train.ipynb #t0023
 def run_training(c:RunConfig,          # the run

@@ -24,7 +24,8 @@ def test_bench_tiny_run_writes_sane_json(tmp_path, capsys):
     out = tmp_path / 'bench.json'
     assert main(['bench', '--device', 'cpu', '--encoder', TINY_ENCODER, '--size', '64', '--bs', '2', '--steps', '3',
                  '--warmup', '1', '--workers', '0', '--json', str(out)]) == 0
-    assert 'train_speedup' in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert 'train_speedup' in printed and '; inference images/s on the CPU: PyTorch fp32 ' in printed
     res = json.loads(out.read_text())
     assert res['config']['encoder'] == TINY_ENCODER and res['config']['size'] == 64
     assert res['config']['device'] == 'cpu' and res['config']['precision'] in ('fp32', 'bf16')
@@ -41,6 +42,13 @@ def test_bench_tiny_run_writes_sane_json(tmp_path, capsys):
     assert math.isclose(res['infer_speedup'], res['library']['infer_images_per_s'] / res['authors']['infer_images_per_s'])
     assert 0 <= res['library']['valid_dice'] <= 1
     assert res['dataloader']['workers_0_images_per_s'] > 0
+    backends = res['inference_backends']  # issue 18: the three inference backends side by side, in the same run
+    rows = backends['images_per_s']
+    assert list(rows) == ['PyTorch fp32', 'PyTorch bf16 autocast', 'onnxruntime fp32'] and backends['onnx_mb'] > 0
+    for name, row in rows.items():
+        assert row['images_per_s'] > 0 and math.isclose(row['vs_fp32'], row['images_per_s'] / rows['PyTorch fp32']['images_per_s'])
+    assert rows['PyTorch fp32']['max_abs_diff_vs_fp32'] == 0 and rows['onnxruntime fp32']['max_abs_diff_vs_fp32'] < 1e-4
+    assert 0 < rows['PyTorch bf16 autocast']['max_abs_diff_vs_fp32'] < 0.1  # bf16 keeps 8 bits of mantissa
 
 
 def test_bench_refuses_fp16_on_the_cpu(capsys):
@@ -84,6 +92,7 @@ def test_run_bench_names_its_python_parameters(monkeypatch):
               "number, 0 or more, e.g. workers=(0, 2); none to skip"),
              (dict(compile='yes'), 'compile', "compile='yes': give True or False"),
              (dict(overwrite=1), 'overwrite', "overwrite=1: give True or False"),
+             (dict(backends='no'), 'backends', "backends='no': give True or False"),
              (dict(device='gpu'), 'device', "device='gpu': use 'cpu', 'cuda' (or 'cuda:1'), or None for CUDA when present"),
              (dict(precision='fp8'), 'precision', "precision='fp8': use one of fp32, bf16, fp16, or None for the device's default")]
     for kw, param, message in cases:

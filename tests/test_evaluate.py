@@ -137,7 +137,7 @@ def tiny_checkpoint(tmp_path_factory):
 def nothing_predicted(monkeypatch):
     "Fail the test if a network is built or a prediction made."
     def built(*a, **k): raise AssertionError('a network was built or an image predicted before the checks')
-    monkeypatch.setattr(ds2net.evaluate, 'model_from_checkpoint', built)
+    monkeypatch.setattr(ds2net.evaluate, 'load_model', built)
     monkeypatch.setattr(ds2net.evaluate, 'predict_probabilities', built)
 
 

@@ -1,6 +1,6 @@
 """The notebooks are the chapters a student reads: their prose may not point at documents the reader does not have.
 
-A chapter cites the paper (Zhu et al., "DS2Net...", arXiv 2508.04131) or explains in place; it never says "spec
+A chapter cites the paper (Huang et al., "DS2Net...", arXiv 2508.04131) or explains in place; it never says "spec
 section 2", "the issue asks..." or "the issue's target". One test case per notebook, markdown cells only (code and
 its output may name whatever they need), failing with the notebook, the cell and each offending sentence."""
 import json, re
@@ -42,5 +42,5 @@ def test_the_check_finds_what_it_should(tmp_path):
 def test_prose_cites_the_paper_not_a_spec_or_an_issue(nb):
     found = offending_sentences(nb)
     assert not found, (f"{nb.relative_to(ROOT)} refers readers to a spec or an issue they do not have; cite the paper "
-                       f"(Zhu et al., arXiv 2508.04131) or explain in place:\n"
+                       f"(Huang et al., arXiv 2508.04131) or explain in place:\n"
                        + '\n'.join(f"  markdown cell {i}: {s}" for i, s in found))
