@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['ISA_FLAGS', 'authors_structure_loss', 'authors_uncertainty_weights', 'authors_step', 'StepClock', 'PeakMemory',
            'library_phase', 'authors_phase', 'dataloader_throughput', 'cpu_info', 'check_bench_json',
-           'write_bench_json', 'run_bench']
+           'write_bench_json', 'backends_phase', 'run_bench']
 
 # %% ../nbs/13_bench.ipynb #b0003
 import gc, json, os, platform, re, statistics, threading, time
@@ -25,6 +25,7 @@ from .data import segmentation_dls
 from .model import DS2Net, PAPER_ENCODER, TINY_ENCODER, MIN_SIZE, fuse_side_outputs
 from .learner import ds2net_learner
 from .inference import resolve_device
+from .export import inference_speed
 from .train import default_precision, set_precision, PRECISIONS
 
 # %% ../nbs/13_bench.ipynb #b0006
@@ -260,6 +261,13 @@ def _check_bench_args(device, encoder, size, bs, precision, steps, warmup, chann
         check(isinstance(value, (bool, np.bool_)), name, "{%s=given}: give True or False" % name, given=value)
 
 # %% ../nbs/13_bench.ipynb #b0016
+def backends_phase(encoder=PAPER_ENCODER, size=352, n_images=4, repeats=5)->dict:
+    "Inference images/s on the CPU of PyTorch fp32, PyTorch bf16 autocast and onnxruntime (`inference_speed`), and their ratios."
+    table = inference_speed(encoder, size, n_images=n_images, repeats=repeats)
+    rows = {name: {k: float(v) for k, v in row.items()} for name, row in table.iterrows()}
+    return dict(n_images=n_images, repeats=repeats, threads=torch.get_num_threads(), images_per_s=rows,
+                export_seconds=table.attrs['export_seconds'], onnx_mb=table.attrs['onnx_mb'])
+
 def run_bench(device:str|None=None,    # 'cpu' or 'cuda' (None: cuda when present)
               encoder:str=PAPER_ENCODER, # timm encoder of both networks
               size:int=352,            # image size
@@ -271,11 +279,13 @@ def run_bench(device:str|None=None,    # 'cpu' or 'cuda' (None: cuda when presen
               compile:bool=False,      # the library's network through `torch.compile`
               workers=(0, 2),          # DataLoader workers to time (empty: skip)
               authors:bool=True,       # also time the authors' step (and report the ratios)
+              backends:bool=True,      # also time inference on the CPU in PyTorch fp32, bf16 and onnxruntime (`backends_phase`)
               json:str|Path|None=None, # also write the results to this .json file (checked before the first step)
               overwrite:bool=False,    # replace an existing `json` file
              )->dict:
     "Measure the authors' step and the library's default step on the same configuration; a JSON-ready dict."
     _check_bench_args(device, encoder, size, bs, precision, steps, warmup, channels_last, compile, workers, authors, overwrite)
+    check(isinstance(backends, (bool, np.bool_)), 'backends', "{backends=given}: give True or False", given=backends)
     if json is not None: check_bench_json(json, overwrite)
     dev = resolve_device(device)
     check(not (precision == 'fp16' and dev.type != 'cuda'), 'precision', "{precision='fp16'} needs a CUDA GPU; use bf16 or fp32 on the CPU")
@@ -292,6 +302,7 @@ def run_bench(device:str|None=None,    # 'cpu' or 'cuda' (None: cuda when presen
         res['train_speedup_best'] = res['authors']['step_s_min'] / lib['step_s_min']
         res['infer_speedup'] = lib['infer_images_per_s'] / res['authors']['infer_images_per_s']
         res['peak_mem_ratio'] = lib['peak_mem_mb'] / res['authors']['peak_mem_mb'] if res['authors']['peak_mem_mb'] > 0 else None
+    if backends: res['inference_backends'] = backends_phase(encoder, size)
     if workers: res['dataloader'] = dict(dataloader_throughput(size, bs, tuple(workers)), step_images_per_s=lib['images_per_s'])
     res['seconds'] = time.time() - t0
     if json is not None: write_bench_json(res, json, overwrite)

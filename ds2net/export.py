@@ -245,13 +245,15 @@ class OnnxModel:
     def predict(self,
                 images,      # list of (H, W, 3) uint8 RGB arrays, any sizes
                 bs:int=8,    # images per run
+                temperature:float|None=None, # divides the logits; None: the metadata's (the export's `temperature`)
                )->list:
         "Probability maps (H, W) float32 in [0, 1], one per image at its own size: the logits are resized, then the sigmoid."
         m, probs = self.metadata, []
+        t = np.float32(m['temperature'] if temperature is None else temperature)
         for i in range(0, len(images), bs):
             chunk = images[i:i + bs]
             for im, logit in zip(chunk, self.run(prepare_batch(chunk, m['size'], m['mean'], m['std']), ['logits'])['logits']):
-                probs.append(sigmoid(resize_bilinear(logit[0], im.shape[:2]) / np.float32(m['temperature'])))
+                probs.append(sigmoid(resize_bilinear(logit[0], im.shape[:2]) / t))
         return probs
 
     def __repr__(self):
