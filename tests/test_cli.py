@@ -463,7 +463,7 @@ def test_bench_json_never_replaces_a_file(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(ds2net.bench, 'library_phase', library_phase)
     victim = tmp_path / 'best.pth'; victim.write_bytes(b'weights')
     old = tmp_path / 'bench.json'; old.write_text('{"mine": 1}')
-    cmd = ['bench', '--device', 'cpu', '--encoder', TINY_ENCODER, '--no-authors', '--workers', '', '--json']
+    cmd = ['bench', '--device', 'cpu', '--encoder', TINY_ENCODER, '--no-authors', '--no-backends', '--workers', '', '--json']
     for path, message in [(victim, f'--json {victim}: the benchmark report is written as .json; give a file name ending in .json'),
                           (old, f'--json {old} already exists: ds2net never replaces a file unless asked; pass --overwrite to '
                                 'replace it, or choose another --json')]:
@@ -534,7 +534,11 @@ def test_export_onnx_and_pretrained(trained_run, tmp_path, capsys):
     onnx_path = tmp_path / 'model.onnx'
     assert main(['export', '--model', str(run / 'best.pth'), '--out', str(onnx_path)]) == 0
     assert capsys.readouterr().out == f'written to {onnx_path}\n'
-    np.testing.assert_allclose(load_onnx(onnx_path).predict([img])[0], expected, atol=1e-4)
+    session = load_onnx(onnx_path)
+    np.testing.assert_allclose(session.predict([img], temperature=1.0)[0], expected, atol=1e-4)
+    t = cfg['temperature']  # fitted at the end of training: the export carries it, and its predict applies it by default
+    assert session.metadata['temperature'] == t
+    np.testing.assert_allclose(session.predict([img])[0], predict_probabilities(model, [img], cfg, temperature=t)[0], atol=1e-4)
     folder = tmp_path / 'pretrained'
     assert main(['export', '--model', str(run / 'best.pth'), '--format', 'pretrained', '--out', str(folder)]) == 0
     assert capsys.readouterr().out == f'written to {folder}\n'
