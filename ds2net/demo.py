@@ -63,7 +63,7 @@ def run_demo(out='outputs/demo', epochs:int|None=None,
 def save_prediction_figure(checkpoint, dest, n:int=6, kind:str='polyp'):
     "A PNG grid of held-out synthetic images: the image, the truth over it, and the predicted probability with both outlines."
     from matplotlib.figure import Figure  # no pyplot: the figure is drawn off screen, whatever matplotlib's backend
-    from ds2net.viz import MASK_CMAP, show_truth, show_prediction
+    from ds2net.viz import MASK_CMAP, show_truth, show_prediction, colorbar
     from ds2net.data import make_synthetic
     from ds2net.evaluate import SYNTHETIC_TEST_SEED
     from ds2net.inference import model_from_checkpoint, predict_probabilities
@@ -71,14 +71,15 @@ def save_prediction_figure(checkpoint, dest, n:int=6, kind:str='polyp'):
     size = config['size'] if isinstance(config['size'], int) else config['size'][0]
     images, masks = make_synthetic(kind, n, size=size, seed=SYNTHETIC_TEST_SEED)
     probs = predict_probabilities(model, list(images), config)
-    fig = Figure(figsize=(2 * n, 6.2))
+    fig = Figure(figsize=(2 * n + 0.8, 6.2), layout='constrained')
     axs = fig.subplots(3, n, squeeze=False)
     for i in range(n):
         axs[0, i].imshow(images[i]); axs[1, i].imshow(images[i]); show_truth(axs[1, i], masks[i], fill=True)
-        axs[2, i].imshow(probs[i], cmap=MASK_CMAP, vmin=0, vmax=1)
+        im = axs[2, i].imshow(probs[i], cmap=MASK_CMAP, vmin=0, vmax=1)
         show_truth(axs[2, i], masks[i]); show_prediction(axs[2, i], probs[i] > 0.5)
         for ax in axs[:, i]: ax.axis('off')
     for row, title in enumerate(('image', 'truth', 'probability (truth solid, prediction dashed)')):
         axs[row, 0].set_title(title, loc='left', fontsize=10)
-    fig.tight_layout(); fig.savefig(dest, dpi=80)
+    colorbar(fig, im, axs[2, :], label='probability', shrink=0.9)
+    fig.savefig(dest, dpi=80)
     return Path(dest)
